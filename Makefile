@@ -1,0 +1,51 @@
+# The two commands a fresh clone needs: `make serve` and `make test`.
+# Both create .venv/ (Python) and node_modules/ (TypeScript codegen and clients)
+# from the pinned dependencies first; nothing has to be installed by hand.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY_STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+
+.PHONY: serve test setup check lint typecheck proto-check pytest clean
+
+serve: $(PY_STAMP)
+	$(BIN)/expense-auth serve
+
+test: setup check pytest
+
+setup: $(PY_STAMP) $(NODE_STAMP)
+
+$(PY_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+check: lint typecheck proto-check
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+# The contract: buf lint and format, and gen/ must be exactly what buf generates.
+proto-check: setup
+	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code
+	$(BIN)/buf generate
+	@git diff --exit-code --stat -- gen/ && test -z "$$(git status --porcelain -- gen/)" \
+		|| (echo "gen/ is stale: run '$(BIN)/buf generate' and commit the result" >&2; exit 1)
+
+pytest: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) node_modules

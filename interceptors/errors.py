@@ -1,0 +1,45 @@
+"""The error boundary, outermost: no exception reaches a client unmapped.
+
+connectrpc sends `str(exc)` of an unexpected exception to the client as
+`unknown`; that can leak internals. Here domain errors become their Connect
+code with their own message, and anything unexpected becomes `internal` with a
+generic message while the traceback goes to the server log only, tagged with
+the request id the client also sees.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from connectrpc.request import RequestContext
+
+from interceptors.logging import REQUEST_ID_HEADER
+from server.domain.errors import DomainError
+from server.rpc.errors import INTERNAL_MESSAGE, to_connect_error
+
+log = logging.getLogger("expense_auth.errors")
+
+
+class ErrorBoundary:
+    """Maps every error leaving a handler or an inner interceptor to a clean Connect error."""
+
+    async def on_start(self, ctx: RequestContext) -> None:
+        """Nothing to do before the call."""
+        return None
+
+    async def on_end(self, token: None, ctx: RequestContext, error: Exception | None) -> None:
+        """Replace the call's error by its public form."""
+        if error is None or isinstance(error, ConnectError):
+            return
+        if isinstance(error, DomainError):
+            raise to_connect_error(error) from None
+        log.error(
+            "unhandled exception in %s/%s",
+            ctx.method.service_name,
+            ctx.method.name,
+            exc_info=error,
+            extra={"request_id": ctx.response_headers.get(REQUEST_ID_HEADER, "")},
+        )
+        raise ConnectError(Code.INTERNAL, INTERNAL_MESSAGE) from None

@@ -1,0 +1,77 @@
+"""Session lookup: the cookie becomes the request's principal, or the call is refused.
+
+Runs before the request body is read (a leading metadata interceptor), so an
+unauthenticated call costs no body parsing. The principal lives in a ContextVar
+for the duration of the call; handlers read it with `current_principal()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from contextvars import ContextVar, Token
+
+from connectrpc.request import RequestContext
+
+from server.domain.errors import Unauthenticated
+from server.domain.models import Principal
+from server.domain.sessions import Sessions
+from server.rpc.cookies import SessionCookies
+
+_principal: ContextVar[Principal | None] = ContextVar("expense_auth_principal", default=None)
+
+
+def current_principal() -> Principal:
+    """The caller of the current authenticated RPC.
+
+    Raises:
+        RuntimeError: Called from a public RPC, which is a programming error.
+    """
+    principal = _principal.get()
+    if principal is None:
+        raise RuntimeError("no principal: the procedure is not behind the session interceptor")
+    return principal
+
+
+def procedure_of(ctx: RequestContext) -> str:
+    """The `/package.Service/Method` path of the call."""
+    return f"/{ctx.method.service_name}/{ctx.method.name}"
+
+
+class SessionInterceptor:
+    """Authenticates every procedure except the listed public ones."""
+
+    def __init__(
+        self, sessions: Sessions, cookies: SessionCookies, *, public: Collection[str]
+    ) -> None:
+        self._sessions = sessions
+        self._cookies = cookies
+        self._public = frozenset(public)
+
+    async def on_start(self, ctx: RequestContext) -> Token[Principal | None] | None:
+        """Load the session named by the cookie; refuse the call without one."""
+        if procedure_of(ctx) in self._public:
+            return None
+        secret = self._cookies.secret_from(ctx.request_headers.getall("cookie"))
+        if secret is None:
+            has_cookie = any(
+                self._cookies.name + "=" in h for h in ctx.request_headers.getall("cookie")
+            )
+            if has_cookie:
+                ctx.response_headers.add("set-cookie", self._cookies.expire())
+                raise Unauthenticated(
+                    "the session cookie is not valid; sign in again", reason="bad_cookie"
+                )
+            raise Unauthenticated("sign in first: this call needs a session", reason="no_cookie")
+        try:
+            principal = await self._sessions.authenticate(secret)
+        except Unauthenticated:
+            ctx.response_headers.add("set-cookie", self._cookies.expire())
+            raise
+        return _principal.set(principal)
+
+    async def on_end(
+        self, token: Token[Principal | None] | None, ctx: RequestContext, error: Exception | None
+    ) -> None:
+        """Forget the principal."""
+        if token is not None:
+            _principal.reset(token)

@@ -1,0 +1,184 @@
+"""THE wiring point: every dependency of the service is built here and nowhere else."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from connectrpc.interceptor import Interceptor
+from connectrpc_grpcreflect import (
+    ServerReflectionAlphaASGIApplication,
+    ServerReflectionAlphaService,
+    ServerReflectionASGIApplication,
+    ServerReflectionService,
+)
+
+from gen.expense.auth.v1 import auth_pb
+from gen.expense.auth.v1.auth_connect import AuthServiceASGIApplication
+from gen.expense.user.v1 import user_pb
+from gen.expense.user.v1.user_connect import UserServiceASGIApplication
+from gen.grpc.health.v1 import health_pb
+from gen.grpc.health.v1.health_connect import HealthASGIApplication
+from interceptors.errors import ErrorBoundary
+from interceptors.logging import RequestLogger
+from interceptors.session import SessionInterceptor
+from server.config import Config
+from server.domain.clock import Clock, SystemClock
+from server.domain.sessions import SessionPolicy, Sessions
+from server.domain.tokens import CookieSigner
+from server.domain.users import Users
+from server.identity.certs import CertsSource, HttpCerts, StaticCerts
+from server.identity.dev_issuer import DEV_AUDIENCE, DEV_ISSUER, DevIssuer
+from server.identity.verifier import GOOGLE_ISSUERS, IdTokenVerifier
+from server.router import JSONHandler, Router
+from server.rpc.auth import AuthService, IdentityVerifier
+from server.rpc.cookies import SessionCookies
+from server.rpc.health import HealthService, HealthState
+from server.rpc.page_tokens import PageTokens
+from server.rpc.user import UserService
+from server.storage.sqlite import SQLiteStore, check_schema
+
+# Requests to this API are tiny (the largest is a ~1.5 KB ID token); refusing
+# big bodies early keeps memory flat under abuse. Applied after decompression too.
+READ_MAX_BYTES = 64 * 1024
+DEV_SECRET_FILE = "dev-session-secret"
+PUBLIC_PROCEDURES = frozenset({"/expense.auth.v1.AuthService/SignIn"})
+
+
+class SchemaNotReady(Exception):
+    """The database needs `expense-auth migrate` before the service can start."""
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    """The ASGI application and the parts a caller may need to steer."""
+
+    asgi: Router
+    health: HealthState
+    store: SQLiteStore
+
+
+def session_keys(config: Config) -> list[str]:
+    """The cookie keys, oldest first. In development without any, a persistent random one."""
+    if config.session_secret_key:
+        return [key.get_secret_value() for key in config.session_secret_key]
+    if config.production:
+        raise ValueError("SESSION_SECRET_KEY is required in production")
+    return [_dev_secret(config.data_dir)]
+
+
+def _dev_secret(data_dir: Path) -> str:
+    path = data_dir / DEV_SECRET_FILE
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as out:
+        secret = secrets.token_urlsafe(48)
+        out.write(secret)
+    return secret
+
+
+def build_verifier(config: Config, *, clock: Clock, dev: DevIssuer | None) -> IdTokenVerifier:
+    """Google's issuers (certs from GOOGLE_CERTS_URL), plus the development issuer if given."""
+    google = HttpCerts(config.google_certs_url, clock=clock)
+    issuers: dict[str, CertsSource] = dict.fromkeys(GOOGLE_ISSUERS, google)
+    audiences = list(config.google_client_id)
+    if dev is not None:
+        issuers[DEV_ISSUER] = StaticCerts(dev.certs())
+        audiences.append(DEV_AUDIENCE)
+    return IdTokenVerifier(
+        audiences=audiences,
+        issuers=issuers,
+        clock_skew_s=config.id_token_clock_skew_seconds,
+        require_verified_email=config.google_require_verified_email,
+    )
+
+
+def create_app(
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    identity: IdentityVerifier | None = None,
+) -> App:
+    """Build the whole service from its configuration.
+
+    Args:
+        config: The validated configuration.
+        clock: The time source; tests pass a controllable one.
+        identity: The ID token verifier; by default Google's (and the development
+            issuer's when enabled), built from `config`.
+
+    Raises:
+        SchemaNotReady: The database has pending migrations.
+    """
+    clock = clock or SystemClock()
+    pending = check_schema(config.sqlite_path)
+    if pending:
+        raise SchemaNotReady(
+            f"the database needs migrations ({', '.join(pending)}); run: expense-auth migrate"
+        )
+    store = SQLiteStore(config.sqlite_path)
+    keys = session_keys(config)
+    policy = SessionPolicy(
+        idle_ms=config.session_idle_timeout_seconds * 1000,
+        max_age_ms=config.session_max_age_seconds * 1000,
+    )
+    sessions = Sessions(store, clock=clock, policy=policy)
+    cookies = SessionCookies(
+        CookieSigner(keys),
+        secure=config.session_secure_cookie,
+        max_age_s=config.session_max_age_seconds,
+    )
+    dev = DevIssuer.load_or_create(config.data_dir) if config.dev_identity else None
+    verifier = identity or build_verifier(config, clock=clock, dev=dev)
+    health = HealthState()
+
+    # The interceptor order, written once, first = outermost.
+    edge: Sequence[Interceptor] = (ErrorBoundary(), RequestLogger())
+    # A rate limiter goes here, after logging and before the session lookup.
+    authenticated: Sequence[Interceptor] = (
+        *edge,
+        SessionInterceptor(sessions, cookies, public=PUBLIC_PROCEDURES),
+    )
+
+    auth = AuthService(
+        sessions=sessions, verifier=verifier, cookies=cookies, page_tokens=PageTokens(keys)
+    )
+    user = UserService(users=Users(store, clock=clock))
+    services = [auth_pb.desc(), user_pb.desc(), health_pb.desc()]
+    health_service = HealthService(
+        health,
+        services=[
+            "expense.auth.v1.AuthService",
+            "expense.user.v1.UserService",
+            "grpc.health.v1.Health",
+        ],
+    )
+    apps = [
+        AuthServiceASGIApplication(
+            auth, interceptors=authenticated, read_max_bytes=READ_MAX_BYTES
+        ),
+        UserServiceASGIApplication(
+            user, interceptors=authenticated, read_max_bytes=READ_MAX_BYTES
+        ),
+        HealthASGIApplication(health_service, interceptors=edge, read_max_bytes=READ_MAX_BYTES),
+        ServerReflectionASGIApplication(
+            ServerReflectionService(*services), interceptors=edge, read_max_bytes=READ_MAX_BYTES
+        ),
+        ServerReflectionAlphaASGIApplication(
+            ServerReflectionAlphaService(*services),
+            interceptors=edge,
+            read_max_bytes=READ_MAX_BYTES,
+        ),
+    ]
+    get_routes: dict[str, JSONHandler] = {}
+    if dev is not None:
+        dev_certs = dev.certs()
+        get_routes["/dev/certs"] = lambda: (200, dev_certs, {"cache-control": "max-age=300"})
+    router = Router(apps, get_routes=get_routes, on_shutdown=store.close)
+    return App(asgi=router, health=health, store=store)

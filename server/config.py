@@ -1,0 +1,190 @@
+"""The service's settings: one frozen object, built from the environment, failing fast.
+
+Every variable is read once at start. All problems are reported together, each
+naming the variable, so that an operator fixes the environment in one go.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from dotenv import dotenv_values
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
+MIN_SECRET_BYTES = 32
+
+
+class ConfigError(Exception):
+    """The environment does not describe a valid configuration.
+
+    Attributes:
+        problems: One line per problem, each naming the variable and the fix.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Config(BaseModel):
+    """The service's configuration. Field names are the environment variables, upper-cased."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    app_env: Literal["development", "production"] = "development"
+    data_dir: Path = Path("var")
+    database_url: str = ""
+    google_client_id: list[str] = Field(default_factory=list)
+    google_certs_url: str = GOOGLE_CERTS_URL
+    google_require_verified_email: bool = True
+    id_token_clock_skew_seconds: int = Field(default=30, ge=0, le=300)
+    session_secret_key: list[SecretStr] = Field(default_factory=list)
+    session_secure_cookie: bool = False
+    session_idle_timeout_seconds: int = Field(default=30 * 60, ge=60)
+    session_max_age_seconds: int = Field(default=12 * 60 * 60, ge=60)
+    cors_allowed_origin: list[str] = Field(default_factory=list)
+    dev_identity_enabled: bool | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("google_client_id", "cors_allowed_origin", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("session_secret_key", mode="before")
+    @classmethod
+    def _csv_secrets(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Config:
+        problems: list[str] = []
+        for i, key in enumerate(self.session_secret_key):
+            if len(key.get_secret_value().encode()) < MIN_SECRET_BYTES:
+                problems.append(
+                    f"SESSION_SECRET_KEY: key #{i + 1} is shorter than {MIN_SECRET_BYTES} bytes; "
+                    'generate one with: python3 -c "import secrets; print(secrets.token_urlsafe(48))"'
+                )
+        if self.session_max_age_seconds < self.session_idle_timeout_seconds:
+            problems.append(
+                "SESSION_MAX_AGE_SECONDS: must be at least SESSION_IDLE_TIMEOUT_SECONDS "
+                f"({self.session_idle_timeout_seconds}), got {self.session_max_age_seconds}"
+            )
+        if self.app_env == "production":
+            if not self.google_client_id:
+                problems.append(
+                    "GOOGLE_CLIENT_ID: required in production (the OAuth client id of the "
+                    "frontend; comma-separated for several)"
+                )
+            if not self.session_secret_key:
+                problems.append(
+                    "SESSION_SECRET_KEY: required in production (comma-separated, oldest first; "
+                    f"each at least {MIN_SECRET_BYTES} bytes)"
+                )
+            if not self.session_secure_cookie:
+                problems.append(
+                    "SESSION_SECURE_COOKIE: must be true in production (cookies only over HTTPS)"
+                )
+            if self.dev_identity_enabled:
+                problems.append(
+                    "DEV_IDENTITY_ENABLED: the development issuer must be off in production; "
+                    "unset it or set it to false"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def production(self) -> bool:
+        """Whether the service runs with production rules."""
+        return self.app_env == "production"
+
+    @property
+    def dev_identity(self) -> bool:
+        """Whether the local development issuer is accepted (default: in development only)."""
+        if self.dev_identity_enabled is None:
+            return not self.production
+        return self.dev_identity_enabled
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The SQLite database file, from DATABASE_URL or under DATA_DIR."""
+        url = self.database_url
+        if not url:
+            return self.data_dir / "expense-auth.db"
+        return Path(url.removeprefix("sqlite:///"))
+
+
+def load_config(
+    environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = ".env"
+) -> Config:
+    """Build the configuration from `environ` (default: the process environment).
+
+    Args:
+        environ: Variables to read instead of the process environment, for tests.
+        env_file: An optional dotenv file, read when `environ` is None; the real
+            environment wins over it.
+
+    Raises:
+        ConfigError: Listing every problem found, each naming its variable.
+    """
+    if environ is None:
+        merged: dict[str, str] = {}
+        if env_file is not None and Path(env_file).is_file():
+            merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        merged.update(os.environ)
+        environ = merged
+    known = set(Config.model_fields)
+    values = {k.lower(): v for k, v in environ.items() if k.lower() in known}
+    try:
+        # model_validate reads only `values`: no hidden settings sources.
+        return Config.model_validate(values)
+    except ValidationError as exc:
+        problems = _describe(exc)
+        bad = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
+        if bad:
+            # Check the rest too, so that every problem is reported in one go.
+            try:
+                Config.model_validate({k: v for k, v in values.items() if k not in bad})
+            except ValidationError as rest:
+                problems += [p for p in _describe(rest) if p not in problems]
+        raise ConfigError(problems) from None
+
+
+def _describe(exc: ValidationError) -> list[str]:
+    problems: list[str] = []
+    for error in exc.errors(include_url=False):
+        loc = [str(part) for part in error["loc"]]
+        if not loc:
+            # Whole-model checks carry their own variable names, one per line.
+            message = error["msg"].removeprefix("Value error, ")
+            problems.extend(message.splitlines())
+            continue
+        name = loc[0].upper()
+        value = error.get("input")
+        shown = "<secret>" if name == "SESSION_SECRET_KEY" else repr(value)
+        problems.append(f"{name}: {error['msg']}, got {shown}")
+    return problems

@@ -1,0 +1,59 @@
+"""The domain's errors: each carries what a client needs to fix the problem.
+
+The transport maps these to Connect codes in one place (server/rpc/errors.py);
+anything else that escapes a handler is a bug and becomes `internal`.
+"""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """Base of every error the domain raises on purpose.
+
+    Attributes:
+        message: A sentence for the client. It may quote the bad value, never internals.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(DomainError):
+    """A request field has a bad value.
+
+    Attributes:
+        field: The request field, as a proto field path such as `user.time_zone`.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class Unauthenticated(DomainError):
+    """The caller has no valid credential (session cookie or ID token).
+
+    Attributes:
+        reason: A short machine-readable reason for logs, such as `session_expired`.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class InvalidIdToken(Unauthenticated):
+    """A Google ID token failed verification (signature, audience, issuer, time...)."""
+
+
+class PermissionDenied(DomainError):
+    """The caller is known but not allowed to do this."""
+
+
+class NotFound(DomainError):
+    """The named thing does not exist, or is not the caller's to see."""
+
+
+class Unavailable(DomainError):
+    """A dependency is down; the client may retry later."""

@@ -1,0 +1,99 @@
+"""Validation of a user's editable fields: display name, currency, time zone, locale.
+
+Currencies and locales come from Babel (CLDR data), time zones from the IANA
+database shipped by `tzdata`, so that the lists stay current without our code.
+"""
+
+from __future__ import annotations
+
+import functools
+import unicodedata
+import zoneinfo
+
+import babel
+import babel.numbers
+
+from server.domain.errors import InvalidArgument
+
+MAX_DISPLAY_NAME = 100
+EDITABLE_FIELDS = ("display_name", "currency_code", "time_zone", "locale")
+
+
+@functools.cache
+def _currencies() -> frozenset[str]:
+    return frozenset(babel.numbers.list_currencies())
+
+
+@functools.cache
+def _time_zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def clean_display_name(value: str, *, field: str = "display_name") -> str:
+    """A trimmed display name of 1 to 100 characters without control characters."""
+    name = value.strip()
+    if not name:
+        raise InvalidArgument(field, f"{field} must not be empty")
+    if len(name) > MAX_DISPLAY_NAME:
+        raise InvalidArgument(
+            field, f"{field} must be at most {MAX_DISPLAY_NAME} characters, got {len(name)}"
+        )
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in name):
+        raise InvalidArgument(field, f"{field} must not contain control characters")
+    return name
+
+
+def clean_currency_code(value: str, *, field: str = "currency_code") -> str:
+    """An ISO 4217 currency code, upper-cased."""
+    code = value.strip().upper()
+    if code not in _currencies():
+        raise InvalidArgument(
+            field, f"{field} must be an ISO 4217 currency code such as EUR, got {value[:40]!r}"
+        )
+    return code
+
+
+def clean_time_zone(value: str, *, field: str = "time_zone") -> str:
+    """An IANA time zone name, as given (names are case-sensitive)."""
+    zone = value.strip()
+    if zone not in _time_zones():
+        raise InvalidArgument(
+            field,
+            f"{field} must be an IANA time zone name such as Europe/Paris, got {value[:60]!r}",
+        )
+    return zone
+
+
+def clean_locale(value: str, *, field: str = "locale") -> str:
+    """A BCP 47 locale tag known to CLDR, in canonical form (`en-GB`)."""
+    tag = value.strip()
+    try:
+        if not tag or len(tag) > 35:
+            raise ValueError(tag)
+        parsed = babel.Locale.parse(tag.replace("_", "-"), sep="-")
+    except (ValueError, TypeError, babel.UnknownLocaleError):
+        raise InvalidArgument(
+            field, f"{field} must be a BCP 47 language tag such as en-GB, got {value[:40]!r}"
+        ) from None
+    return str(parsed).replace("_", "-")
+
+
+def clean_changes(changes: dict[str, str], *, prefix: str = "user.") -> dict[str, str]:
+    """Validate a set of field changes; error fields are named with `prefix`."""
+    cleaners = {
+        "display_name": clean_display_name,
+        "currency_code": clean_currency_code,
+        "time_zone": clean_time_zone,
+        "locale": clean_locale,
+    }
+    cleaned: dict[str, str] = {}
+    for name, value in changes.items():
+        cleaner = cleaners.get(name)
+        if cleaner is None:
+            raise InvalidArgument(
+                "update_mask",
+                f"update_mask names {name!r}, which cannot be changed; "
+                f"allowed: {', '.join(EDITABLE_FIELDS)}",
+            )
+        cleaned[name] = cleaner(value, field=prefix + name)
+    return cleaned

@@ -1,0 +1,180 @@
+"""Sign-in and session rules: creation, validation, expiry, revocation, listing.
+
+This is the only place that decides whether a session is valid. The transport
+hands it cookie secrets and verified identities; it hands back principals or
+domain errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from server.domain.clock import Clock
+from server.domain.errors import InvalidArgument, NotFound, Unauthenticated
+from server.domain.models import Identity, Principal, Session, SessionCursor, User
+from server.domain.tokens import hash_secret, new_public_id, new_secret
+from server.storage.base import Store, UserDefaults
+
+MAX_PAGE_SIZE = 100
+DEFAULT_PAGE_SIZE = 50
+MAX_USER_AGENT = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPolicy:
+    """How long sessions live.
+
+    Attributes:
+        idle_ms: A session unused for this long ends.
+        max_age_ms: A session ends this long after sign-in, however busy.
+        touch_interval_ms: `last_seen` is written at most this often per session,
+            so that the hot path reads without writing; idle expiry is therefore
+            exact to within this interval.
+    """
+
+    idle_ms: int
+    max_age_ms: int
+    touch_interval_ms: int = 60_000
+
+    def expire_ms(self, session: Session) -> int:
+        """When the session ends unless used again."""
+        return min(session.last_seen_ms + self.idle_ms, session.expire_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class NewSession:
+    """The result of a sign-in: the secret goes into the cookie, never into storage."""
+
+    user: User
+    session: Session
+    secret: str
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultPreferences:
+    """What a new user starts with, before they change it."""
+
+    currency_code: str = "USD"
+    time_zone: str = "UTC"
+    locale: str = "en"
+
+
+class Sessions:
+    """The session service."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Clock,
+        policy: SessionPolicy,
+        defaults: UserDefaults | None = None,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._policy = policy
+        self._defaults = defaults or DefaultPreferences()
+
+    @property
+    def policy(self) -> SessionPolicy:
+        """The expiry rules in force."""
+        return self._policy
+
+    async def sign_in(self, identity: Identity, *, user_agent: str) -> NewSession:
+        """Create or update the user and start a brand-new session for them."""
+        now = self._clock.now_ms()
+        secret = new_secret()
+        draft = Session(
+            id=new_public_id("ses"),
+            user_id="",
+            token_hash=hash_secret(secret),
+            create_ms=now,
+            last_seen_ms=now,
+            expire_ms=now + self._policy.max_age_ms,
+            revoke_ms=None,
+            user_agent=user_agent[:MAX_USER_AGENT],
+        )
+        user, session = await self._store.sign_in(
+            identity,
+            new_user_id=new_public_id("usr"),
+            defaults=self._defaults,
+            session=draft,
+            now_ms=now,
+        )
+        return NewSession(user=user, session=session, secret=secret)
+
+    async def authenticate(self, secret: str) -> Principal:
+        """The principal for a (verified) cookie secret, refreshing its last-seen time.
+
+        Raises:
+            Unauthenticated: The session is unknown, revoked, idle too long or too old.
+        """
+        principal = await self._store.find_principal(hash_secret(secret))
+        if principal is None:
+            raise Unauthenticated("the session is not valid; sign in again", reason="unknown")
+        session = principal.session
+        now = self._clock.now_ms()
+        if session.revoke_ms is not None:
+            raise Unauthenticated("the session was signed out; sign in again", reason="revoked")
+        if now >= session.expire_ms:
+            raise Unauthenticated("the session has expired; sign in again", reason="max_age")
+        if now >= session.last_seen_ms + self._policy.idle_ms:
+            raise Unauthenticated(
+                "the session expired after inactivity; sign in again", reason="idle"
+            )
+        if now - session.last_seen_ms >= self._policy.touch_interval_ms:
+            await self._store.touch_session(session.id, last_seen_ms=now)
+            session = replace(session, last_seen_ms=now)
+            principal = Principal(session=session, user=principal.user)
+        return principal
+
+    async def sign_out(self, principal: Principal) -> None:
+        """Revoke the caller's own session."""
+        await self._store.revoke_session(
+            principal.user.id, principal.session.id, now_ms=self._clock.now_ms()
+        )
+
+    async def revoke(self, principal: Principal, session_id: str) -> None:
+        """Revoke one of the caller's sessions.
+
+        Raises:
+            NotFound: Unknown, already ended, or another user's: all look the same.
+        """
+        if not session_id:
+            raise InvalidArgument("session_id", "session_id is required")
+        revoked = await self._store.revoke_session(
+            principal.user.id, session_id, now_ms=self._clock.now_ms()
+        )
+        if not revoked:
+            raise NotFound(f"no live session {session_id[:64]!r} among your sessions")
+
+    async def revoke_others(self, principal: Principal) -> int:
+        """Revoke every session of the caller but the current one."""
+        return await self._store.revoke_other_sessions(
+            principal.user.id, principal.session.id, now_ms=self._clock.now_ms()
+        )
+
+    async def list_live(
+        self, principal: Principal, *, page_size: int, after: SessionCursor | None
+    ) -> tuple[list[Session], SessionCursor | None]:
+        """One page of the caller's live sessions, newest first, and the next cursor."""
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(
+                "page_size", f"page_size must be between 0 and {MAX_PAGE_SIZE}, got {page_size}"
+            )
+        size = page_size or DEFAULT_PAGE_SIZE
+        now = self._clock.now_ms()
+        rows = await self._store.list_live_sessions(
+            principal.user.id,
+            now_ms=now,
+            idle_cutoff_ms=now - self._policy.idle_ms,
+            after=after,
+            limit=size + 1,
+        )
+        page = rows[:size]
+        next_cursor = None
+        if len(rows) > size:
+            last = page[-1]
+            next_cursor = SessionCursor(create_ms=last.create_ms, session_id=last.id)
+        return page, next_cursor
+

@@ -1,0 +1,60 @@
+"""Session secrets: random ids, their signed cookie form, and their stored hash.
+
+The cookie carries `<secret>.<signature>`. The secret is 256 random bits; the
+signature (itsdangerous, HMAC-SHA256) lets the server reject a forged or
+tampered cookie before touching the database, and key rotation works by listing
+keys oldest first: the newest signs, every listed key verifies. The database
+keeps only SHA-256(secret), so a copy of it cannot be turned into cookies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+
+from itsdangerous import BadSignature, Signer
+
+SESSION_SALT = "expense-auth.session-cookie"
+MAX_COOKIE_VALUE = 256
+
+
+def new_secret() -> str:
+    """A fresh 256-bit session secret, URL-safe."""
+    return secrets.token_urlsafe(32)
+
+
+def new_public_id(prefix: str) -> str:
+    """A random public identifier such as `ses_5kq...` (128 bits)."""
+    return f"{prefix}_{secrets.token_urlsafe(16)}"
+
+
+def hash_secret(secret: str) -> bytes:
+    """The stored form of a session secret."""
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class CookieSigner:
+    """Signs and verifies session cookie values with a rotating list of keys."""
+
+    def __init__(self, keys_oldest_first: Sequence[str]) -> None:
+        if not keys_oldest_first:
+            raise ValueError("at least one session key is required")
+        self._signer = Signer(
+            list(keys_oldest_first),
+            salt=SESSION_SALT,
+            digest_method=hashlib.sha256,
+        )
+
+    def sign(self, secret: str) -> str:
+        """The cookie value for `secret`, signed with the newest key."""
+        return self._signer.sign(secret).decode()
+
+    def unsign(self, value: str) -> str | None:
+        """The secret inside a cookie value, or None when it is not one of ours."""
+        if not value or len(value) > MAX_COOKIE_VALUE:
+            return None
+        try:
+            return self._signer.unsign(value).decode()
+        except (BadSignature, UnicodeError):
+            return None

@@ -1,0 +1,37 @@
+"""The user service: read and change the caller's own profile."""
+
+from __future__ import annotations
+
+from server.domain.clock import Clock
+from server.domain.errors import InvalidArgument, NotFound
+from server.domain.models import Principal, User
+from server.domain.preferences import clean_changes
+from server.storage.base import Store
+
+
+class Users:
+    """Profile and preferences of the signed-in user."""
+
+    def __init__(self, store: Store, *, clock: Clock) -> None:
+        self._store = store
+        self._clock = clock
+
+    async def update(self, principal: Principal, changes: dict[str, str]) -> User:
+        """Apply validated `changes` (field name -> new value) to the caller.
+
+        Raises:
+            InvalidArgument: No field named, a field that cannot change, or a bad value.
+        """
+        if not changes:
+            raise InvalidArgument(
+                "update_mask",
+                "update_mask must name at least one field: display_name, currency_code, "
+                "time_zone or locale",
+            )
+        cleaned = clean_changes(changes)
+        user = await self._store.update_user(
+            principal.user.id, cleaned, now_ms=self._clock.now_ms()
+        )
+        if user is None:
+            raise NotFound("the signed-in user no longer exists")
+        return user

@@ -1,0 +1,139 @@
+"""Public certificates that verify ID tokens, as a PEM dict keyed by key id.
+
+`HttpCerts` caches Google's certs for as long as their `Cache-Control: max-age`
+allows, refetches once when a token names a key id it has not seen (Google
+rotates keys), rate-limits such refetches so that tokens with made-up key ids
+cannot make us hammer Google, and keeps using stale keys when a refresh fails.
+Fetches run in a worker thread, one at a time, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import google.auth.exceptions
+import google.auth.transport.requests
+import requests
+
+from server.domain.clock import Clock
+from server.domain.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+FETCH_TIMEOUT_S = 5.0
+DEFAULT_MAX_AGE_S = 300
+MIN_REFETCH_INTERVAL_MS = 30_000
+_MAX_AGE = re.compile(r"max-age\s*=\s*(\d+)", re.IGNORECASE)
+
+
+class CertsSource(Protocol):
+    """Where the certificates of one issuer come from."""
+
+    async def certs(self, key_id: str | None) -> Mapping[str, str]:
+        """The known certs; makes an effort to include `key_id` when given."""
+        ...
+
+
+class StaticCerts:
+    """Certificates known up front (the development issuer's own key)."""
+
+    def __init__(self, certs: Mapping[str, str]) -> None:
+        self._certs = dict(certs)
+
+    async def certs(self, key_id: str | None) -> Mapping[str, str]:
+        """The fixed certificates."""
+        return self._certs
+
+
+@dataclass(frozen=True, slots=True)
+class _Fetched:
+    certs: dict[str, str]
+    max_age_s: int
+
+
+class HttpCerts:
+    """A certs URL in Google's v1 format (`{"kid": "-----BEGIN CERTIFICATE-----..."}`)."""
+
+    def __init__(self, url: str, *, clock: Clock) -> None:
+        self._url = url
+        self._clock = clock
+        self._certs: dict[str, str] | None = None
+        self._fresh_until_ms = 0
+        self._last_fetch_ms: int | None = None
+        self._lock = asyncio.Lock()
+        self._session = requests.Session()
+        self._request = google.auth.transport.requests.Request(self._session)
+        self.fetch_count = 0
+
+    async def certs(self, key_id: str | None) -> Mapping[str, str]:
+        """Cached certs, refreshed when stale or when `key_id` is unknown.
+
+        Raises:
+            Unavailable: Nothing is cached and the certs URL cannot be read.
+        """
+        if self._usable(key_id):
+            assert self._certs is not None
+            return self._certs
+        async with self._lock:
+            if self._usable(key_id):
+                assert self._certs is not None
+                return self._certs
+            if not self._may_fetch(key_id):
+                assert self._certs is not None
+                return self._certs
+            self._last_fetch_ms = self._clock.now_ms()
+            try:
+                fetched = await asyncio.to_thread(self._fetch)
+            except (google.auth.exceptions.TransportError, ValueError, OSError) as exc:
+                if self._certs is not None:
+                    log.warning(
+                        "certs refresh failed; using cached keys",
+                        extra={"url": self._url, "error": type(exc).__name__},
+                    )
+                    return self._certs
+                log.error(
+                    "certs fetch failed and nothing is cached",
+                    extra={"url": self._url, "error": str(exc)[:200]},
+                )
+                raise Unavailable(
+                    "cannot reach Google to verify the sign-in; try again shortly"
+                ) from None
+            self._certs = fetched.certs
+            self._fresh_until_ms = self._clock.now_ms() + fetched.max_age_s * 1000
+            return self._certs
+
+    def _usable(self, key_id: str | None) -> bool:
+        if self._certs is None or self._clock.now_ms() >= self._fresh_until_ms:
+            return False
+        return key_id is None or key_id in self._certs
+
+    def _may_fetch(self, key_id: str | None) -> bool:
+        """Stale or empty: always. Fresh but the key id is unknown: at most every 30 s."""
+        if self._certs is None or self._clock.now_ms() >= self._fresh_until_ms:
+            return True
+        if self._last_fetch_ms is None:
+            return True
+        return self._clock.now_ms() - self._last_fetch_ms >= MIN_REFETCH_INTERVAL_MS
+
+    def _fetch(self) -> _Fetched:
+        self.fetch_count += 1
+        response = self._request(self._url, method="GET", timeout=FETCH_TIMEOUT_S)
+        if response.status != 200:
+            raise google.auth.exceptions.TransportError(
+                f"certs URL answered HTTP {response.status}"
+            )
+        data = json.loads(response.data)
+        if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+        ):
+            raise ValueError("certs document is not a JSON object of PEM strings")
+        cache_control = response.headers.get("cache-control", "")
+        match = _MAX_AGE.search(cache_control)
+        max_age = int(match.group(1)) if match else DEFAULT_MAX_AGE_S
+        return _Fetched(certs=data, max_age_s=min(max_age, 24 * 3600))

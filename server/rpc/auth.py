@@ -1,0 +1,132 @@
+"""expense.auth.v1.AuthService: a thin adapter from protobuf to the session service."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from connectrpc.request import RequestContext
+
+from gen.expense.auth.v1.auth_pb import (
+    GetSessionRequest,
+    GetSessionResponse,
+    ListSessionsRequest,
+    ListSessionsResponse,
+    RevokeOtherSessionsRequest,
+    RevokeOtherSessionsResponse,
+    RevokeSessionRequest,
+    RevokeSessionResponse,
+    SignInRequest,
+    SignInResponse,
+    SignOutRequest,
+    SignOutResponse,
+)
+from interceptors.session import current_principal
+from server.domain.models import Identity
+from server.domain.sessions import Sessions
+from server.rpc import convert
+from server.rpc.cookies import SessionCookies
+from server.rpc.page_tokens import PageTokens
+from server.rpc.user_agent import summarize
+
+
+class IdentityVerifier(Protocol):
+    """Turns an ID token into a verified identity."""
+
+    async def verify(self, token: str) -> Identity:
+        """The identity in the token, or a domain error."""
+        ...
+
+
+class AuthService:
+    """Implements the generated `AuthService` protocol."""
+
+    def __init__(
+        self,
+        *,
+        sessions: Sessions,
+        verifier: IdentityVerifier,
+        cookies: SessionCookies,
+        page_tokens: PageTokens,
+    ) -> None:
+        self._sessions = sessions
+        self._verifier = verifier
+        self._cookies = cookies
+        self._page_tokens = page_tokens
+
+    async def sign_in(
+        self, request: SignInRequest, ctx: RequestContext[SignInRequest, SignInResponse]
+    ) -> SignInResponse:
+        """Verify the token and start a new session (never reuse the caller's)."""
+        identity = await self._verifier.verify(request.google_id_token)
+        created = await self._sessions.sign_in(
+            identity, user_agent=summarize(ctx.request_headers.get("user-agent", ""))
+        )
+        ctx.response_headers.add("set-cookie", self._cookies.issue(created.secret))
+        return SignInResponse(
+            user=convert.user(created.user),
+            session=convert.session(
+                created.session, policy=self._sessions.policy, current_id=created.session.id
+            ),
+        )
+
+    async def get_session(
+        self,
+        request: GetSessionRequest,
+        ctx: RequestContext[GetSessionRequest, GetSessionResponse],
+    ) -> GetSessionResponse:
+        """The caller's session and user, as loaded by the session interceptor."""
+        principal = current_principal()
+        return GetSessionResponse(
+            user=convert.user(principal.user),
+            session=convert.session(
+                principal.session, policy=self._sessions.policy, current_id=principal.session.id
+            ),
+        )
+
+    async def sign_out(
+        self, request: SignOutRequest, ctx: RequestContext[SignOutRequest, SignOutResponse]
+    ) -> SignOutResponse:
+        """Revoke the current session and expire the cookie."""
+        await self._sessions.sign_out(current_principal())
+        ctx.response_headers.add("set-cookie", self._cookies.expire())
+        return SignOutResponse()
+
+    async def list_sessions(
+        self,
+        request: ListSessionsRequest,
+        ctx: RequestContext[ListSessionsRequest, ListSessionsResponse],
+    ) -> ListSessionsResponse:
+        """One page of the caller's live sessions."""
+        principal = current_principal()
+        after = self._page_tokens.decode(principal.user.id, request.page_token)
+        page, next_cursor = await self._sessions.list_live(
+            principal, page_size=request.page_size, after=after
+        )
+        policy = self._sessions.policy
+        return ListSessionsResponse(
+            sessions=[
+                convert.session(s, policy=policy, current_id=principal.session.id) for s in page
+            ],
+            next_page_token=self._page_tokens.encode(principal.user.id, next_cursor),
+        )
+
+    async def revoke_session(
+        self,
+        request: RevokeSessionRequest,
+        ctx: RequestContext[RevokeSessionRequest, RevokeSessionResponse],
+    ) -> RevokeSessionResponse:
+        """Revoke one of the caller's sessions (possibly the current one)."""
+        principal = current_principal()
+        await self._sessions.revoke(principal, request.session_id)
+        if request.session_id == principal.session.id:
+            ctx.response_headers.add("set-cookie", self._cookies.expire())
+        return RevokeSessionResponse()
+
+    async def revoke_other_sessions(
+        self,
+        request: RevokeOtherSessionsRequest,
+        ctx: RequestContext[RevokeOtherSessionsRequest, RevokeOtherSessionsResponse],
+    ) -> RevokeOtherSessionsResponse:
+        """Sign out everywhere else."""
+        count = await self._sessions.revoke_others(current_principal())
+        return RevokeOtherSessionsResponse(revoked_count=count)

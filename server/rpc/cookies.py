@@ -1,0 +1,57 @@
+"""The session cookie on the wire: its name, attributes, and parsing.
+
+The cookie is HttpOnly (scripts cannot read it), SameSite=Lax, Path=/ and has a
+Max-Age equal to the session's absolute lifetime. With secure cookies on, it is
+also Secure and named with the `__Host-` prefix, which browsers accept only from
+HTTPS, without a Domain attribute and with Path=/, so a sibling subdomain cannot
+plant or overwrite it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from server.domain.tokens import CookieSigner
+
+BASE_NAME = "expense_session"
+MAX_COOKIE_HEADER = 8192
+
+
+class SessionCookies:
+    """Reads and writes the session cookie."""
+
+    def __init__(self, signer: CookieSigner, *, secure: bool, max_age_s: int) -> None:
+        self._signer = signer
+        self._secure = secure
+        self._max_age_s = max_age_s
+        self.name = ("__Host-" if secure else "") + BASE_NAME
+
+    def issue(self, secret: str) -> str:
+        """A Set-Cookie value for a new session."""
+        return self._format(self._signer.sign(secret), self._max_age_s)
+
+    def expire(self) -> str:
+        """A Set-Cookie value that deletes the cookie."""
+        return self._format("", 0)
+
+    def secret_from(self, cookie_headers: Iterable[str]) -> str | None:
+        """The verified session secret from the request's Cookie header(s), if any.
+
+        HTTP/2 clients may split cookies over several headers; each is read.
+        """
+        for header in cookie_headers:
+            if len(header) > MAX_COOKIE_HEADER:
+                continue
+            for pair in header.split(";"):
+                name, sep, value = pair.strip().partition("=")
+                if sep and name == self.name:
+                    secret = self._signer.unsign(value.strip().strip('"'))
+                    if secret is not None:
+                        return secret
+        return None
+
+    def _format(self, value: str, max_age: int) -> str:
+        parts = [f"{self.name}={value}", "Path=/", f"Max-Age={max_age}", "HttpOnly", "SameSite=Lax"]
+        if self._secure:
+            parts.append("Secure")
+        return "; ".join(parts)

@@ -1,0 +1,45 @@
+"""The one mapping from domain errors to Connect errors."""
+
+from __future__ import annotations
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+
+from server.domain.errors import (
+    DomainError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+
+_CODES: tuple[tuple[type[DomainError], Code], ...] = (
+    (InvalidArgument, Code.INVALID_ARGUMENT),
+    (Unauthenticated, Code.UNAUTHENTICATED),
+    (PermissionDenied, Code.PERMISSION_DENIED),
+    (NotFound, Code.NOT_FOUND),
+    (Unavailable, Code.UNAVAILABLE),
+)
+
+INTERNAL_MESSAGE = "internal error; it has been logged with this request's x-request-id"
+
+
+def code_of(error: BaseException | None) -> Code | None:
+    """The Connect code a client will see for `error` (None for success)."""
+    if error is None:
+        return None
+    if isinstance(error, ConnectError):
+        return error.code
+    if isinstance(error, DomainError):
+        for kind, code in _CODES:
+            if isinstance(error, kind):
+                return code
+    return Code.INTERNAL
+
+
+def to_connect_error(error: DomainError) -> ConnectError:
+    """The Connect error for a domain error, carrying its message."""
+    code = code_of(error)
+    assert code is not None
+    return ConnectError(code, error.message)

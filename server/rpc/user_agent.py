@@ -1,0 +1,31 @@
+"""A short, privacy-friendly summary of a User-Agent header ("Chrome on macOS").
+
+Parsing uses ua-parser (the maintained uap-core rules); only the summary is
+stored, never the full header.
+"""
+
+from __future__ import annotations
+
+import re
+
+import ua_parser
+
+MAX_HEADER = 512
+_PRODUCT = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,40}")
+_OS_NAMES = {"Mac OS X": "macOS"}
+
+
+def summarize(header: str) -> str:
+    """`Browser on OS`, or the client's product name, or `unknown client`."""
+    header = header[:MAX_HEADER].strip()
+    if not header:
+        return "unknown client"
+    result = ua_parser.parse(header)
+    browser = result.user_agent.family if result.user_agent else ""
+    system = result.os.family if result.os else ""
+    system = _OS_NAMES.get(system, system)
+    if browser and browser != "Other":
+        return f"{browser} on {system}" if system and system != "Other" else browser
+    product = _PRODUCT.match(header)
+    name = product.group(0) if product else "unknown client"
+    return f"{name} on {system}" if system and system != "Other" else name

@@ -1,0 +1,83 @@
+"""The storage contract. The domain talks to these Protocols only.
+
+Methods are async so that an engine with network I/O (PostgreSQL) fits the same
+contract; the embedded SQLite engine completes them without yielding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from server.domain.models import Identity, Principal, Session, SessionCursor, User
+
+
+class UserDefaults(Protocol):
+    """Preferences given to a user on their first sign-in."""
+
+    currency_code: str
+    time_zone: str
+    locale: str
+
+
+class Store(Protocol):
+    """Users and sessions, in one transactional store."""
+
+    async def sign_in(
+        self,
+        identity: Identity,
+        *,
+        new_user_id: str,
+        defaults: UserDefaults,
+        session: Session,
+        now_ms: int,
+    ) -> tuple[User, Session]:
+        """Create or update the user for `identity` and insert `session` for them, atomically.
+
+        `session.user_id` is ignored and replaced by the user's id; `new_user_id`
+        is used only when the user is new.
+        """
+        ...
+
+    async def get_user(self, user_id: str) -> User | None:
+        """The user with this id, or None."""
+        ...
+
+    async def update_user(
+        self, user_id: str, changes: Mapping[str, str], *, now_ms: int
+    ) -> User | None:
+        """Set the given profile columns; None when the user does not exist."""
+        ...
+
+    async def find_principal(self, token_hash: bytes) -> Principal | None:
+        """The session with this token hash and its user, whatever the session's state."""
+        ...
+
+    async def touch_session(self, session_id: str, *, last_seen_ms: int) -> None:
+        """Record that the session was used."""
+        ...
+
+    async def revoke_session(self, user_id: str, session_id: str, *, now_ms: int) -> bool:
+        """Revoke one live session of the user; False when there is no such live session."""
+        ...
+
+    async def revoke_other_sessions(self, user_id: str, keep_id: str, *, now_ms: int) -> int:
+        """Revoke all of the user's live sessions but `keep_id`; returns how many."""
+        ...
+
+    async def list_live_sessions(
+        self,
+        user_id: str,
+        *,
+        now_ms: int,
+        idle_cutoff_ms: int,
+        after: SessionCursor | None,
+        limit: int,
+    ) -> list[Session]:
+        """The user's sessions that are not revoked, not past `expire_ms` and last seen
+        after `idle_cutoff_ms`, newest first, starting after `after`."""
+        ...
+
+    def close(self) -> None:
+        """Release the store's connections."""
+        ...

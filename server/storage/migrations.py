@@ -1,0 +1,46 @@
+"""Schema migrations of the SQLite store, applied in order and recorded in the database."""
+
+from __future__ import annotations
+
+from sqlite_utils import Database, Migrations
+
+migrations = Migrations("expense-auth")
+
+
+@migrations()
+def m001_users_and_sessions(db: Database) -> None:
+    """Users keyed by (issuer, subject); sessions keyed by the hash of their secret."""
+    db.execute(
+        """
+        CREATE TABLE users (
+            id TEXT PRIMARY KEY,
+            issuer TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            email TEXT NOT NULL,
+            email_verified INTEGER NOT NULL,
+            display_name TEXT NOT NULL,
+            picture_uri TEXT NOT NULL,
+            currency_code TEXT NOT NULL,
+            time_zone TEXT NOT NULL,
+            locale TEXT NOT NULL,
+            create_ms INTEGER NOT NULL,
+            update_ms INTEGER NOT NULL,
+            UNIQUE (issuer, subject)
+        ) STRICT
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            user_id TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+            token_hash BLOB NOT NULL UNIQUE,
+            create_ms INTEGER NOT NULL,
+            last_seen_ms INTEGER NOT NULL,
+            expire_ms INTEGER NOT NULL,
+            revoke_ms INTEGER,
+            user_agent TEXT NOT NULL
+        ) STRICT
+        """
+    )
+    db.execute("CREATE INDEX sessions_by_user ON sessions (user_id, create_ms DESC, id DESC)")

@@ -1,0 +1,51 @@
+"""Shared fixtures: a fake Google key server and the real server on a socket."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.google import CLIENT_ID, FakeGoogle
+from tests.support.server import RunningServer, start_server
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(path: str | None, name: str) -> str:
+    """The tool's path; outside CI a missing tool skips, in CI it fails the run."""
+    if path and (os.path.exists(path) or shutil.which(path)):
+        return path
+    message = f"{name} is not installed; run `make setup`"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def google() -> Iterator[FakeGoogle]:
+    """Google's key server, local."""
+    fake = FakeGoogle().start()
+    yield fake
+    fake.stop()
+
+
+def server_env(google: FakeGoogle, **extra: str) -> dict[str, str]:
+    """The environment of a development server that trusts the fake Google."""
+    return {
+        "GOOGLE_CLIENT_ID": CLIENT_ID,
+        "GOOGLE_CERTS_URL": google.certs_url,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, google: FakeGoogle) -> Iterator[RunningServer]:
+    """One real server for the whole run (tests use distinct users)."""
+    tmp: Path = tmp_path_factory.mktemp("server")
+    running = start_server(tmp, server_env(google))
+    yield running
+    assert running.stop() == 0, running.logs()

@@ -1,0 +1,140 @@
+"""SignIn, GetSession and SignOut through the generated Python client on a real socket."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import pytest
+from connectrpc.errors import ConnectError
+
+from gen.expense.auth.v1.auth_pb import GetSessionRequest, SignInRequest, SignOutRequest
+from gen.expense.user.v1.user_pb import GetCurrentUserRequest
+from tests.support.client import Session, code_of
+from tests.support.google import FakeGoogle
+from tests.support.server import RunningServer
+
+
+def new_sub() -> str:
+    return str(10**20 + secrets.randbelow(10**20))
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[Session]:
+    session = Session(server.url)
+    yield session
+    session.close()
+
+
+def test_sign_in_creates_user_session_and_http_only_cookie(
+    client: Session, google: FakeGoogle
+) -> None:
+    sub = new_sub()
+    response = client.sign_in(google.token(sub=sub, email=f"{sub}@example.com", name="Zoë"))
+
+    assert response.user is not None and response.session is not None
+    assert response.user.email == f"{sub}@example.com"
+    assert response.user.display_name == "Zoë"
+    assert response.user.locale == "en-GB"
+    assert response.user.id.startswith("usr_")
+    assert response.session.current
+    (set_cookie,) = client.last_set_cookies
+    attributes = {part.strip().split("=")[0] for part in set_cookie.split(";")[1:]}
+    assert attributes == {"Path", "Max-Age", "HttpOnly", "SameSite"}
+    assert "SameSite=Lax" in set_cookie and "Max-Age=43200" in set_cookie
+
+    got = client.call(client.auth.get_session, GetSessionRequest())
+    assert got.user == response.user
+    assert got.session is not None and got.session.id == response.session.id
+    me = client.call(client.users.get_current_user, GetCurrentUserRequest())
+    assert me.user is not None and me.user.id == response.user.id
+
+
+def test_users_are_keyed_by_subject_not_email(client: Session, google: FakeGoogle) -> None:
+    sub = new_sub()
+    first = client.sign_in(google.token(sub=sub, email="old@example.com"))
+    renamed = client.sign_in(google.token(sub=sub, email="new@example.com"))
+    other = client.sign_in(google.token(sub=new_sub(), email="new@example.com"))
+
+    assert first.user is not None and renamed.user is not None and other.user is not None
+    assert renamed.user.id == first.user.id
+    assert renamed.user.email == "new@example.com"
+    assert other.user.id != first.user.id
+
+
+def test_sign_in_never_reuses_the_callers_session(client: Session, google: FakeGoogle) -> None:
+    sub = new_sub()
+    first = client.sign_in(google.token(sub=sub))
+    first_cookie = client.cookie
+    second = client.sign_in(google.token(sub=sub))
+
+    assert first.session is not None and second.session is not None
+    assert second.session.id != first.session.id
+    assert client.cookie != first_cookie
+
+
+def test_calls_without_a_session_are_unauthenticated(client: Session) -> None:
+    with pytest.raises(ConnectError) as err:
+        client.call(client.auth.get_session, GetSessionRequest())
+    assert code_of(err.value) == "unauthenticated"
+    assert "sign in" in err.value.message
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        pytest.param(lambda v: v[:-5] + ("A" if v[-5] != "A" else "B") + v[-4:], id="signature"),
+        pytest.param(lambda v: "x" + v, id="secret"),
+        pytest.param(lambda v: v.split(".")[0], id="unsigned"),
+        pytest.param(lambda v: "", id="empty"),
+        pytest.param(lambda v: v + "." * 300, id="oversized"),
+    ],
+)
+def test_tampered_cookies_are_refused_and_cleared(
+    client: Session, google: FakeGoogle, mangle: object
+) -> None:
+    client.sign_in(google.token(sub=new_sub()))
+    assert client.cookie is not None
+    name, _, value = client.cookie.partition("=")
+    assert callable(mangle)
+    client.cookie = f"{name}={mangle(value)}"
+
+    with pytest.raises(ConnectError) as err:
+        client.call(client.auth.get_session, GetSessionRequest())
+    assert code_of(err.value) == "unauthenticated"
+    assert any("Max-Age=0" in c for c in client.last_set_cookies)
+
+
+def test_sign_out_revokes_on_the_very_next_request(client: Session, google: FakeGoogle) -> None:
+    client.sign_in(google.token(sub=new_sub()))
+    cookie = client.cookie
+    client.call(client.auth.sign_out, SignOutRequest())
+    assert any("Max-Age=0" in c for c in client.last_set_cookies)
+
+    client.cookie = cookie  # a client that ignores the expired cookie
+    with pytest.raises(ConnectError) as err:
+        client.call(client.auth.get_session, GetSessionRequest())
+    assert code_of(err.value) == "unauthenticated"
+    assert "signed out" in err.value.message
+
+
+def test_logs_carry_no_cookie_or_token(
+    client: Session, google: FakeGoogle, server: RunningServer
+) -> None:
+    token = google.token(sub=new_sub())
+    client.sign_in(token)
+    assert client.cookie is not None
+    client.call(client.auth.get_session, GetSessionRequest())
+    logs = server.logs()
+    secret = client.cookie.partition("=")[2]
+    assert "GetSession" in logs
+    assert secret.split(".")[0] not in logs
+    assert token.split(".")[1] not in logs
+    assert "Traceback" not in logs
+
+
+def test_sign_in_requires_a_token(client: Session) -> None:
+    with pytest.raises(ConnectError) as err:
+        client.call(client.auth.sign_in, SignInRequest(google_id_token=""))
+    assert code_of(err.value) == "invalid_argument"
+    assert "google_id_token" in err.value.message

@@ -1,0 +1,17 @@
+"""The real service with a file-controlled clock, for expiry tests (imported by pyvoy)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from server import logs
+from server.app import create_app
+from server.config import load_config
+from server.receive_fix import ReceiveAfterBodyFix
+from tests.support.clock import FileClock
+
+config = load_config()
+logs.configure(production=config.production, level=config.log_level)
+clock = FileClock(Path(os.environ["TEST_CLOCK_FILE"]))
+app = ReceiveAfterBodyFix(create_app(config, clock=clock).asgi)
