@@ -10,6 +10,7 @@ the request id the client also sees.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -25,11 +26,13 @@ log = logging.getLogger("expense_auth.errors")
 class ErrorBoundary:
     """Maps every error leaving a handler or an inner interceptor to a clean Connect error."""
 
-    async def on_start(self, ctx: RequestContext) -> None:
+    async def on_start(self, ctx: RequestContext[Any, Any]) -> None:
         """Nothing to do before the call."""
         return None
 
-    async def on_end(self, token: None, ctx: RequestContext, error: Exception | None) -> None:
+    async def on_end(
+        self, token: None, ctx: RequestContext[Any, Any], error: Exception | None
+    ) -> None:
         """Replace the call's error by its public form."""
         if error is None or isinstance(error, ConnectError):
             return

@@ -11,6 +11,7 @@ import logging
 import re
 import secrets
 import time
+from typing import Any
 
 from connectrpc.code import Code
 from connectrpc.request import RequestContext
@@ -35,14 +36,16 @@ def protocol_of(content_type: str) -> str:
 class RequestLogger:
     """Logs procedure, protocol, code, duration, client address and request id."""
 
-    async def on_start(self, ctx: RequestContext) -> float:
+    async def on_start(self, ctx: RequestContext[Any, Any]) -> float:
         """Assign the request id and start the timer."""
         incoming = ctx.request_headers.get(REQUEST_ID_HEADER, "")
         request_id = incoming if _SAFE_ID.fullmatch(incoming) else secrets.token_hex(8)
         ctx.response_headers[REQUEST_ID_HEADER] = request_id
         return time.perf_counter()
 
-    async def on_end(self, started: float, ctx: RequestContext, error: Exception | None) -> None:
+    async def on_end(
+        self, started: float, ctx: RequestContext[Any, Any], error: Exception | None
+    ) -> None:
         """Write the access log line."""
         code = code_of(error)
         duration_ms = (time.perf_counter() - started) * 1000

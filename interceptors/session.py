@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from contextvars import ContextVar, Token
+from typing import Any
 
 from connectrpc.request import RequestContext
 
@@ -32,7 +33,7 @@ def current_principal() -> Principal:
     return principal
 
 
-def procedure_of(ctx: RequestContext) -> str:
+def procedure_of(ctx: RequestContext[Any, Any]) -> str:
     """The `/package.Service/Method` path of the call."""
     return f"/{ctx.method.service_name}/{ctx.method.name}"
 
@@ -47,7 +48,7 @@ class SessionInterceptor:
         self._cookies = cookies
         self._public = frozenset(public)
 
-    async def on_start(self, ctx: RequestContext) -> Token[Principal | None] | None:
+    async def on_start(self, ctx: RequestContext[Any, Any]) -> Token[Principal | None] | None:
         """Load the session named by the cookie; refuse the call without one."""
         if procedure_of(ctx) in self._public:
             return None
@@ -70,7 +71,10 @@ class SessionInterceptor:
         return _principal.set(principal)
 
     async def on_end(
-        self, token: Token[Principal | None] | None, ctx: RequestContext, error: Exception | None
+        self,
+        token: Token[Principal | None] | None,
+        ctx: RequestContext[Any, Any],
+        error: Exception | None,
     ) -> None:
         """Forget the principal."""
         if token is not None:

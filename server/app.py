@@ -44,7 +44,7 @@ from server.storage.sqlite import SQLiteStore, check_schema
 # Requests to this API are tiny (the largest is a ~1.5 KB ID token); refusing
 # big bodies early keeps memory flat under abuse. Applied after decompression too.
 READ_MAX_BYTES = 64 * 1024
-DEV_SECRET_FILE = "dev-session-secret"
+DEV_SECRET_FILE = "dev-session-secret"  # noqa: S105 (a file name, not a secret)
 PUBLIC_PROCEDURES = frozenset({"/expense.auth.v1.AuthService/SignIn"})
 
 
@@ -160,12 +160,8 @@ def create_app(
         ],
     )
     apps = [
-        AuthServiceASGIApplication(
-            auth, interceptors=authenticated, read_max_bytes=READ_MAX_BYTES
-        ),
-        UserServiceASGIApplication(
-            user, interceptors=authenticated, read_max_bytes=READ_MAX_BYTES
-        ),
+        AuthServiceASGIApplication(auth, interceptors=authenticated, read_max_bytes=READ_MAX_BYTES),
+        UserServiceASGIApplication(user, interceptors=authenticated, read_max_bytes=READ_MAX_BYTES),
         HealthASGIApplication(health_service, interceptors=edge, read_max_bytes=READ_MAX_BYTES),
         ServerReflectionASGIApplication(
             ServerReflectionService(*services), interceptors=edge, read_max_bytes=READ_MAX_BYTES

@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _dev_token(config, args)
         if not args.no_migrate:
             _migrate(config)
-        from server.serve import serve  # noqa: PLC0415  (pyvoy is only needed here)
+        from server.serve import serve
 
         return asyncio.run(serve(args.app, host=args.host, port=args.port))
     except SchemaTooNew as exc:

@@ -24,6 +24,7 @@ from pydantic import (
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 MIN_SECRET_BYTES = 32
+_KEYGEN_HINT = 'python3 -c "import secrets; print(secrets.token_urlsafe(48))"'
 
 
 class ConfigError(Exception):
@@ -86,7 +87,7 @@ class Config(BaseModel):
             if len(key.get_secret_value().encode()) < MIN_SECRET_BYTES:
                 problems.append(
                     f"SESSION_SECRET_KEY: key #{i + 1} is shorter than {MIN_SECRET_BYTES} bytes; "
-                    'generate one with: python3 -c "import secrets; print(secrets.token_urlsafe(48))"'
+                    f"generate one with: {_KEYGEN_HINT}"
                 )
         if self.session_max_age_seconds < self.session_idle_timeout_seconds:
             problems.append(

@@ -44,8 +44,8 @@ class _Server(PyvoyServer):
 
 def _admin(server: PyvoyServer, path: str, method: str = "GET") -> str:
     # pyvoy exposes Envoy's admin address only as a private attribute.
-    address = server._admin_address  # noqa: SLF001
-    request = urllib.request.Request(f"http://{address}{path}", method=method)  # noqa: S310
+    address = server._admin_address
+    request = urllib.request.Request(f"http://{address}{path}", method=method)
     with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
         body: bytes = response.read()
     return body.decode()

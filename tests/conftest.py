@@ -49,3 +49,15 @@ def server(tmp_path_factory: pytest.TempPathFactory, google: FakeGoogle) -> Iter
     running = start_server(tmp, server_env(google))
     yield running
     assert running.stop() == 0, running.logs()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI nothing may be skipped: a skip there hides a missing tool or a broken setup."""
+    if not IN_CI:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter is not None else 0
+    if skipped:
+        if reporter is not None:
+            reporter.write_line(f"CI refuses skipped tests: {skipped} skipped", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

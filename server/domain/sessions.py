@@ -177,4 +177,3 @@ class Sessions:
             last = page[-1]
             next_cursor = SessionCursor(create_ms=last.create_ms, session_id=last.id)
         return page, next_cursor
-

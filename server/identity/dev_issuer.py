@@ -99,4 +99,5 @@ class DevIssuer:
             "nonce": secrets.token_urlsafe(16),
         }
         payload.update(extra or {})
-        return google.auth.jwt.encode(self._signer, payload).decode()
+        token: bytes = google.auth.jwt.encode(self._signer, payload)
+        return token.decode()

@@ -75,7 +75,7 @@ class IdTokenVerifier:
             )
         issuer = unverified.get("iss")
         source = self._issuers.get(issuer) if isinstance(issuer, str) else None
-        if source is None:
+        if source is None or not isinstance(issuer, str):
             raise InvalidIdToken(
                 f"the ID token's issuer {str(issuer)[:80]!r} is not accepted", reason="bad_issuer"
             )

@@ -6,6 +6,7 @@ from typing import Protocol
 
 from connectrpc.request import RequestContext
 
+from gen.expense.auth.v1 import auth_connect
 from gen.expense.auth.v1.auth_pb import (
     GetSessionRequest,
     GetSessionResponse,
@@ -37,7 +38,7 @@ class IdentityVerifier(Protocol):
         ...
 
 
-class AuthService:
+class AuthService(auth_connect.AuthService):
     """Implements the generated `AuthService` protocol."""
 
     def __init__(

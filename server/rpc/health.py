@@ -9,6 +9,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
+from gen.grpc.health.v1 import health_connect
 from gen.grpc.health.v1.health_pb import HealthCheckRequest, HealthCheckResponse
 
 ServingStatus = HealthCheckResponse.ServingStatus
@@ -37,7 +38,7 @@ class HealthState:
         await self._changed.wait()
 
 
-class HealthService:
+class HealthService(health_connect.Health):
     """Implements the generated `Health` protocol for the server and its services."""
 
     def __init__(self, state: HealthState, *, services: Collection[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from connectrpc.request import RequestContext
 
+from gen.expense.user.v1 import user_connect
 from gen.expense.user.v1.user_pb import (
     GetCurrentUserRequest,
     GetCurrentUserResponse,
@@ -17,7 +18,7 @@ from server.domain.users import Users
 from server.rpc import convert
 
 
-class UserService:
+class UserService(user_connect.UserService):
     """Implements the generated `UserService` protocol."""
 
     def __init__(self, *, users: Users) -> None:

@@ -15,9 +15,20 @@ from server.domain.models import Identity, Principal, Session, SessionCursor, Us
 class UserDefaults(Protocol):
     """Preferences given to a user on their first sign-in."""
 
-    currency_code: str
-    time_zone: str
-    locale: str
+    @property
+    def currency_code(self) -> str:
+        """ISO 4217 code."""
+        ...
+
+    @property
+    def time_zone(self) -> str:
+        """IANA time zone name."""
+        ...
+
+    @property
+    def locale(self) -> str:
+        """BCP 47 tag, used when the identity carries none."""
+        ...
 
 
 class Store(Protocol):

@@ -222,7 +222,7 @@ class SQLiteStore:
         assignments = ", ".join(f"{name} = ?" for name in columns)
         with self._write() as conn:
             row = conn.execute(
-                f"UPDATE users SET {assignments}, update_ms = ? WHERE id = ? "  # noqa: S608
+                f"UPDATE users SET {assignments}, update_ms = ? WHERE id = ? "
                 f"RETURNING {_USER_COLUMNS}",
                 (*(changes[name] for name in columns), now_ms, user_id),
             ).fetchone()

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from connectrpc.errors import ConnectError
 
 from gen.expense.auth.v1.auth_pb import GetSessionRequest, SignInRequest, SignOutRequest
 from gen.expense.user.v1.user_pb import GetCurrentUserRequest
+from tests.conftest import server_env
 from tests.support.client import Session, code_of
 from tests.support.google import FakeGoogle
-from tests.support.server import RunningServer
+from tests.support.server import RunningServer, start_server
 
 
 def new_sub() -> str:
@@ -138,3 +141,50 @@ def test_sign_in_requires_a_token(client: Session) -> None:
         client.call(client.auth.sign_in, SignInRequest(google_id_token=""))
     assert code_of(err.value) == "invalid_argument"
     assert "google_id_token" in err.value.message
+
+
+BAD_TOKENS: dict[str, Callable[[FakeGoogle], str]] = {
+    "wrong audience": lambda g: g.token(aud="someone-else.apps.googleusercontent.com"),
+    "wrong issuer": lambda g: g.token(iss="https://evil.example.com"),
+    "expired": lambda g: g.token(iat=int(time.time()) - 7200, exp=int(time.time()) - 3600),
+    "issued in the future": lambda g: g.token(iat=int(time.time()) + 3600),
+    "alg none": lambda g: g.unsigned_token(),
+    "unknown key id": lambda g: g.token_with_header({"kid": "f" * 40}),
+    "bad signature": lambda g: g.token().rsplit(".", 1)[0] + ".AAAA" + g.token()[-20:],
+    "not a jwt": lambda g: "hello.world",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_TOKENS))
+def test_bad_tokens_are_unauthenticated_never_internal(
+    client: Session, google: FakeGoogle, kind: str
+) -> None:
+    with pytest.raises(ConnectError) as err:
+        client.sign_in(BAD_TOKENS[kind](google))
+    assert code_of(err.value) == "unauthenticated", err.value.message
+    assert "token" in err.value.message.lower()
+    assert client.cookie is None
+
+
+def test_unverified_email_is_refused(client: Session, google: FakeGoogle) -> None:
+    with pytest.raises(ConnectError) as err:
+        client.sign_in(google.token(sub=new_sub(), email_verified=False))
+    assert code_of(err.value) == "permission_denied"
+    assert "not verified" in err.value.message
+
+
+def test_google_down_is_unavailable_until_keys_are_cached(
+    tmp_path: Path, google: FakeGoogle
+) -> None:
+    fresh = start_server(tmp_path, server_env(google))
+    try:
+        client = Session(fresh.url)
+        with google.outage():
+            with pytest.raises(ConnectError) as err:
+                client.sign_in(google.token(sub=new_sub()))
+            assert code_of(err.value) == "unavailable"
+        client.sign_in(google.token(sub=new_sub()))
+        with google.outage():
+            client.sign_in(google.token(sub=new_sub()))  # cached keys keep working
+    finally:
+        assert fresh.stop() == 0

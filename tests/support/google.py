@@ -130,13 +130,18 @@ class FakeGoogle:
 
     def token(self, **overrides: Any) -> str:
         """A token signed with the current key."""
-        return google.auth.jwt.encode(self.current.signer, self.claims(**overrides)).decode()
+        token: bytes = google.auth.jwt.encode(self.current.signer, self.claims(**overrides))
+        return token.decode()
 
     def token_with_header(self, header: dict[str, Any], **overrides: Any) -> str:
         """A token signed with the current key but with a custom JOSE header."""
-        return google.auth.jwt.encode(
-            self.current.signer, self.claims(**overrides), header=header
-        ).decode()
+        token: bytes = google.auth.jwt.encode(
+            self.current.signer,
+            self.claims(**overrides),
+            header=dict(header),
+            key_id=header.get("kid"),
+        )
+        return token.decode()
 
     def unsigned_token(self, **overrides: Any) -> str:
         """An `alg: none` token: header and claims, empty signature."""
