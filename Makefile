@@ -40,6 +40,8 @@ typecheck: setup
 proto-check: setup
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code
+	@if git cat-file -e HEAD~1:buf.yaml 2>/dev/null; then \
+		$(BIN)/buf breaking --against '.git#ref=HEAD~1'; fi
 	$(BIN)/buf generate
 	@git diff --exit-code --stat -- gen/ && test -z "$$(git status --porcelain -- gen/)" \
 		|| (echo "gen/ is stale: run '$(BIN)/buf generate' and commit the result" >&2; exit 1)

@@ -39,6 +39,7 @@ from server.rpc.cookies import SessionCookies
 from server.rpc.health import HealthService, HealthState
 from server.rpc.page_tokens import PageTokens
 from server.rpc.user import UserService
+from server.rpc.user_agent import warm_up
 from server.storage.sqlite import SQLiteStore, check_schema
 
 # Requests to this API are tiny (the largest is a ~1.5 KB ID token); refusing
@@ -136,6 +137,7 @@ def create_app(
     )
     dev = DevIssuer.load_or_create(config.data_dir) if config.dev_identity else None
     verifier = identity or build_verifier(config, clock=clock, dev=dev)
+    warm_up()
     health = HealthState()
 
     # The interceptor order, written once, first = outermost.

@@ -7,8 +7,9 @@ database shipped by `tzdata`, so that the lists stay current without our code.
 from __future__ import annotations
 
 import functools
+import importlib.resources
+import re
 import unicodedata
-import zoneinfo
 
 import babel
 import babel.numbers
@@ -16,6 +17,8 @@ import babel.numbers
 from server.domain.errors import InvalidArgument
 
 MAX_DISPLAY_NAME = 100
+# language[-script][-region][-variant]...; POSIX forms such as `de_DE@euro` are not tags.
+_BCP47_SHAPE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8}){0,4}")
 EDITABLE_FIELDS = ("display_name", "currency_code", "time_zone", "locale")
 
 
@@ -26,7 +29,10 @@ def _currencies() -> frozenset[str]:
 
 @functools.cache
 def _time_zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
+    # The tzdata package's own list: the same on every host, unlike the OS zone
+    # directory, which also holds names such as `localtime` that are no IANA zone.
+    names = importlib.resources.files("tzdata").joinpath("zones").read_text().split()
+    return frozenset(names) - {"Factory"}
 
 
 def clean_display_name(value: str, *, field: str = "display_name") -> str:
@@ -38,8 +44,11 @@ def clean_display_name(value: str, *, field: str = "display_name") -> str:
         raise InvalidArgument(
             field, f"{field} must be at most {MAX_DISPLAY_NAME} characters, got {len(name)}"
         )
-    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in name):
-        raise InvalidArgument(field, f"{field} must not contain control characters")
+    for ch in name:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            raise InvalidArgument(
+                field, f"{field} must not contain control characters, found U+{ord(ch):04X}"
+            )
     return name
 
 
@@ -68,7 +77,7 @@ def clean_locale(value: str, *, field: str = "locale") -> str:
     """A BCP 47 locale tag known to CLDR, in canonical form (`en-GB`)."""
     tag = value.strip()
     try:
-        if not tag or len(tag) > 35:
+        if not _BCP47_SHAPE.fullmatch(tag):
             raise ValueError(tag)
         parsed = babel.Locale.parse(tag.replace("_", "-"), sep="-")
     except (ValueError, TypeError, babel.UnknownLocaleError):

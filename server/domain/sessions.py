@@ -131,7 +131,7 @@ class Sessions:
     async def sign_out(self, principal: Principal) -> None:
         """Revoke the caller's own session."""
         await self._store.revoke_session(
-            principal.user.id, principal.session.id, now_ms=self._clock.now_ms()
+            principal.user.id, principal.session.id, **self._live_window()
         )
 
     async def revoke(self, principal: Principal, session_id: str) -> None:
@@ -143,7 +143,7 @@ class Sessions:
         if not session_id:
             raise InvalidArgument("session_id", "session_id is required")
         revoked = await self._store.revoke_session(
-            principal.user.id, session_id, now_ms=self._clock.now_ms()
+            principal.user.id, session_id, **self._live_window()
         )
         if not revoked:
             raise NotFound(f"no live session {session_id[:64]!r} among your sessions")
@@ -151,8 +151,13 @@ class Sessions:
     async def revoke_others(self, principal: Principal) -> int:
         """Revoke every session of the caller but the current one."""
         return await self._store.revoke_other_sessions(
-            principal.user.id, principal.session.id, now_ms=self._clock.now_ms()
+            principal.user.id, principal.session.id, **self._live_window()
         )
+
+    def _live_window(self) -> dict[str, int]:
+        """What "live" means now, for the store: `now_ms` and `idle_cutoff_ms`."""
+        now = self._clock.now_ms()
+        return {"now_ms": now, "idle_cutoff_ms": now - self._policy.idle_ms}
 
     async def list_live(
         self, principal: Principal, *, page_size: int, after: SessionCursor | None
@@ -163,13 +168,8 @@ class Sessions:
                 "page_size", f"page_size must be between 0 and {MAX_PAGE_SIZE}, got {page_size}"
             )
         size = page_size or DEFAULT_PAGE_SIZE
-        now = self._clock.now_ms()
         rows = await self._store.list_live_sessions(
-            principal.user.id,
-            now_ms=now,
-            idle_cutoff_ms=now - self._policy.idle_ms,
-            after=after,
-            limit=size + 1,
+            principal.user.id, after=after, limit=size + 1, **self._live_window()
         )
         page = rows[:size]
         next_cursor = None

@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 FETCH_TIMEOUT_S = 5.0
 DEFAULT_MAX_AGE_S = 300
 MIN_REFETCH_INTERVAL_MS = 30_000
+# After a failed fetch: keep using stale keys this long before trying again, and
+# with no keys at all, answer `unavailable` at once for this long, so that an
+# outage does not queue every sign-in behind a fetch that times out.
+STALE_GRACE_MS = 60_000
+RETRY_BACKOFF_MS = 1_000
 _MAX_AGE = re.compile(r"max-age\s*=\s*(\d+)", re.IGNORECASE)
 
 
@@ -66,6 +71,7 @@ class HttpCerts:
         self._certs: dict[str, str] | None = None
         self._fresh_until_ms = 0
         self._last_fetch_ms: int | None = None
+        self._failed_until_ms = 0
         self._lock = asyncio.Lock()
         self._session = requests.Session()
         self._request = google.auth.transport.requests.Request(self._session)
@@ -87,23 +93,26 @@ class HttpCerts:
             if not self._may_fetch(key_id):
                 assert self._certs is not None
                 return self._certs
+            if self._certs is None and self._clock.now_ms() < self._failed_until_ms:
+                raise _unavailable()
             self._last_fetch_ms = self._clock.now_ms()
             try:
                 fetched = await asyncio.to_thread(self._fetch)
             except (google.auth.exceptions.TransportError, ValueError, OSError) as exc:
+                now = self._clock.now_ms()
                 if self._certs is not None:
                     log.warning(
                         "certs refresh failed; using cached keys",
                         extra={"url": self._url, "error": type(exc).__name__},
                     )
+                    self._fresh_until_ms = now + STALE_GRACE_MS
                     return self._certs
                 log.error(
                     "certs fetch failed and nothing is cached",
                     extra={"url": self._url, "error": str(exc)[:200]},
                 )
-                raise Unavailable(
-                    "cannot reach Google to verify the sign-in; try again shortly"
-                ) from None
+                self._failed_until_ms = now + RETRY_BACKOFF_MS
+                raise _unavailable() from None
             self._certs = fetched.certs
             self._fresh_until_ms = self._clock.now_ms() + fetched.max_age_s * 1000
             return self._certs
@@ -137,3 +146,7 @@ class HttpCerts:
         match = _MAX_AGE.search(cache_control)
         max_age = int(match.group(1)) if match else DEFAULT_MAX_AGE_S
         return _Fetched(certs=data, max_age_s=min(max_age, 24 * 3600))
+
+
+def _unavailable() -> Unavailable:
+    return Unavailable("cannot reach Google to verify the sign-in; try again shortly")

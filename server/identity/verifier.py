@@ -68,7 +68,7 @@ class IdTokenVerifier:
             )
         header, unverified = _peek(token)
         alg = header.get("alg")
-        if alg not in _SUPPORTED_ALGS:
+        if not isinstance(alg, str) or alg not in _SUPPORTED_ALGS:
             raise InvalidIdToken(
                 f"the ID token uses algorithm {str(alg)[:20]!r}; only RS256 is accepted",
                 reason="bad_alg",
@@ -92,7 +92,12 @@ class IdTokenVerifier:
                 audience=self._audiences,
                 clock_skew_in_seconds=self._skew,
             )
-        except (google.auth.exceptions.GoogleAuthError, ValueError, TypeError) as exc:
+        except (
+            google.auth.exceptions.GoogleAuthError,
+            ValueError,
+            TypeError,
+            RecursionError,
+        ) as exc:
             raise _describe(exc) from None
         if claims.get("iss") != issuer:
             raise InvalidIdToken("the ID token's issuer is not accepted", reason="bad_issuer")
@@ -126,7 +131,13 @@ def _peek(token: str) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
     try:
         header = google.auth.jwt.decode_header(token)
         claims = google.auth.jwt.decode(token, verify=False)
-    except (google.auth.exceptions.GoogleAuthError, ValueError, TypeError, UnicodeError):
+    except (
+        google.auth.exceptions.GoogleAuthError,
+        ValueError,
+        TypeError,
+        UnicodeError,
+        RecursionError,
+    ):
         raise InvalidIdToken(
             "google_id_token is not a well-formed JWT", reason="malformed"
         ) from None

@@ -68,11 +68,16 @@ class Store(Protocol):
         """Record that the session was used."""
         ...
 
-    async def revoke_session(self, user_id: str, session_id: str, *, now_ms: int) -> bool:
-        """Revoke one live session of the user; False when there is no such live session."""
+    async def revoke_session(
+        self, user_id: str, session_id: str, *, now_ms: int, idle_cutoff_ms: int
+    ) -> bool:
+        """Revoke one live session of the user (not revoked, not past `expire_ms`, last
+        seen after `idle_cutoff_ms`); False when there is no such live session."""
         ...
 
-    async def revoke_other_sessions(self, user_id: str, keep_id: str, *, now_ms: int) -> int:
+    async def revoke_other_sessions(
+        self, user_id: str, keep_id: str, *, now_ms: int, idle_cutoff_ms: int
+    ) -> int:
         """Revoke all of the user's live sessions but `keep_id`; returns how many."""
         ...
 

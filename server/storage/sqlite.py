@@ -32,6 +32,8 @@ _USER_COLUMNS = (
 _SESSION_COLUMNS = (
     "id, user_id, token_hash, create_ms, last_seen_ms, expire_ms, revoke_ms, user_agent"
 )
+# A live session: parameters (now_ms, idle_cutoff_ms). One definition for every query.
+_LIVE = "revoke_ms IS NULL AND expire_ms > ? AND last_seen_ms > ?"
 _UPDATABLE = frozenset({"display_name", "currency_code", "time_zone", "locale"})
 
 
@@ -82,6 +84,7 @@ def connect(path: Path) -> sqlite3.Connection:
 
 def migrate(path: Path) -> list[str]:
     """Apply pending migrations; returns the names applied."""
+    check_schema(path)  # refuses a database migrated by a newer version
     conn = connect(path)
     try:
         db = Database(conn)
@@ -254,23 +257,25 @@ class SQLiteStore:
                 (last_seen_ms, session_id),
             )
 
-    async def revoke_session(self, user_id: str, session_id: str, *, now_ms: int) -> bool:
+    async def revoke_session(
+        self, user_id: str, session_id: str, *, now_ms: int, idle_cutoff_ms: int
+    ) -> bool:
         """Revoke one live session owned by `user_id`."""
         with self._write() as conn:
             cursor = conn.execute(
-                "UPDATE sessions SET revoke_ms = ? "
-                "WHERE id = ? AND user_id = ? AND revoke_ms IS NULL AND expire_ms > ?",
-                (now_ms, session_id, user_id, now_ms),
+                f"UPDATE sessions SET revoke_ms = ? WHERE id = ? AND user_id = ? AND {_LIVE}",
+                (now_ms, session_id, user_id, now_ms, idle_cutoff_ms),
             )
         return cursor.rowcount == 1
 
-    async def revoke_other_sessions(self, user_id: str, keep_id: str, *, now_ms: int) -> int:
+    async def revoke_other_sessions(
+        self, user_id: str, keep_id: str, *, now_ms: int, idle_cutoff_ms: int
+    ) -> int:
         """Revoke every live session of the user except `keep_id`."""
         with self._write() as conn:
             cursor = conn.execute(
-                "UPDATE sessions SET revoke_ms = ? "
-                "WHERE user_id = ? AND id != ? AND revoke_ms IS NULL AND expire_ms > ?",
-                (now_ms, user_id, keep_id, now_ms),
+                f"UPDATE sessions SET revoke_ms = ? WHERE user_id = ? AND id != ? AND {_LIVE}",
+                (now_ms, user_id, keep_id, now_ms, idle_cutoff_ms),
             )
         return cursor.rowcount
 
@@ -284,10 +289,7 @@ class SQLiteStore:
         limit: int,
     ) -> list[Session]:
         """Live sessions of the user, newest first, keyset-paginated."""
-        query = (
-            f"SELECT {_SESSION_COLUMNS} FROM sessions "
-            "WHERE user_id = ? AND revoke_ms IS NULL AND expire_ms > ? AND last_seen_ms > ?"
-        )
+        query = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE user_id = ? AND {_LIVE}"
         params: list[Any] = [user_id, now_ms, idle_cutoff_ms]
         if after is not None:
             query += " AND (create_ms < ? OR (create_ms = ? AND id < ?))"

@@ -183,6 +183,7 @@ def test_google_down_is_unavailable_until_keys_are_cached(
             with pytest.raises(ConnectError) as err:
                 client.sign_in(google.token(sub=new_sub()))
             assert code_of(err.value) == "unavailable"
+        time.sleep(1.1)  # the server waits a second before it retries a failed fetch
         client.sign_in(google.token(sub=new_sub()))
         with google.outage():
             client.sign_in(google.token(sub=new_sub()))  # cached keys keep working

@@ -1,0 +1,434 @@
+"""IdTokenVerifier over HttpCerts against a local Google key server.
+
+The tokens are real RS256 JWTs and the certs come over HTTP, so google-auth's real
+verification path runs. Only the clock of the certs cache is fake: google-auth checks
+`exp`/`iat` against the wall clock, so the time claims below are relative to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import google.auth.jwt
+import pytest
+
+from server.domain.errors import (
+    InvalidArgument,
+    InvalidIdToken,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from server.domain.models import Identity
+from server.identity.certs import HttpCerts
+from server.identity.verifier import IdTokenVerifier
+from tests.support.google import CLIENT_ID, FakeGoogle
+
+ISSUERS = ("https://accounts.google.com", "accounts.google.com")
+CANONICAL = "https://accounts.google.com"
+SKEW_S = 30
+MAX_AGE_S = 3600  # FakeGoogle's Cache-Control max-age
+REFETCH_GAP_S = 30  # HttpCerts refetches for an unknown key id at most this often
+
+
+class FakeClock:
+    """The certs cache's clock: moves only when the test says so."""
+
+    def __init__(self, start_ms: int = 1_767_225_600_000) -> None:
+        self.ms = start_ms
+
+    def now_ms(self) -> int:
+        return self.ms
+
+    def advance(self, seconds: float) -> None:
+        self.ms += int(seconds * 1000)
+
+
+@dataclass
+class Harness:
+    fake: FakeGoogle
+    clock: FakeClock
+    verifier: IdTokenVerifier
+    fetches_before: int
+
+    def verify(self, token: str) -> Identity:
+        return asyncio.run(self.verifier.verify(token))
+
+    @property
+    def fetches(self) -> int:
+        """Cert fetches that reached the key server since this harness was made."""
+        return self.fake.fetches - self.fetches_before
+
+
+def make_harness(fake: FakeGoogle, *, require_verified_email: bool = True) -> Harness:
+    clock = FakeClock()
+    certs = HttpCerts(fake.certs_url, clock=clock)  # one cache for both spellings, as in prod
+    verifier = IdTokenVerifier(
+        audiences=[CLIENT_ID],
+        issuers=dict.fromkeys(ISSUERS, certs),
+        clock_skew_s=SKEW_S,
+        require_verified_email=require_verified_email,
+    )
+    return Harness(fake=fake, clock=clock, verifier=verifier, fetches_before=fake.fetches)
+
+
+@pytest.fixture(scope="module")
+def key_server() -> Iterator[FakeGoogle]:
+    """A key server of this module's own: these tests rotate keys and cause outages."""
+    server = FakeGoogle().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake(key_server: FakeGoogle) -> Iterator[FakeGoogle]:
+    """The module's key server, put back to its first key after each test."""
+    first = key_server.current
+    yield key_server
+    key_server.current = first
+    key_server.state.published.clear()
+    key_server.state.published[first.kid] = first.cert
+    key_server.state.down = False
+
+
+@pytest.fixture
+def h(fake: FakeGoogle) -> Harness:
+    return make_harness(fake)
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def raw_jwt(header: object, claims: object) -> str:
+    """A JWT-shaped string with arbitrary JSON parts and a meaningless signature."""
+    return f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}.c2ln"
+
+
+def with_kid(fake: FakeGoogle, kid: object, **claims: object) -> str:
+    """A token signed with the current key but naming key id `kid`."""
+    token: bytes = google.auth.jwt.encode(fake.current.signer, fake.claims(**claims), key_id=kid)
+    return token.decode()
+
+
+def forged_signature(fake: FakeGoogle) -> str:
+    """Signed by an unpublished key, but naming the published key's id."""
+    published_kid = fake.current.kid
+    fake.rotate(publish=False)
+    return with_kid(fake, published_kid)
+
+
+def unpublished_key(fake: FakeGoogle) -> str:
+    fake.rotate(publish=False)
+    return fake.token()
+
+
+def deeply_nested_header(fake: FakeGoogle) -> str:
+    depth = 2500  # deeper than the interpreter's recursion limit, under 8192 characters
+    return f"{b64(b'[' * depth + b']' * depth)}.{b64(b'{}')}.c2ln"
+
+
+# ---------------------------------------------------------------------------
+# Accepted tokens
+
+
+@pytest.mark.parametrize("issuer", ISSUERS)
+def test_a_valid_token_gives_the_identity_with_the_canonical_issuer(
+    h: Harness, issuer: str
+) -> None:
+    identity = h.verify(h.fake.token(iss=issuer))
+
+    assert identity == Identity(
+        issuer=CANONICAL,
+        subject="110169484474386276334",
+        email="ann@example.com",
+        email_verified=True,
+        name="Ann Example",
+        picture="https://lh3.googleusercontent.com/a/photo",
+        locale="en-GB",
+    )
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        pytest.param(
+            lambda: {"iat": now_s() - 7200, "exp": now_s() - SKEW_S + 10}, id="exp_in_skew"
+        ),
+        pytest.param(lambda: {"iat": now_s() + SKEW_S - 10}, id="iat_in_skew"),
+        pytest.param(lambda: {"email_verified": "true"}, id="email_verified_as_string"),
+        pytest.param(lambda: {"locale": "not a locale!"}, id="bad_locale_dropped"),
+    ],
+)
+def test_tolerated_variations_are_accepted(
+    h: Harness, claims: Callable[[], dict[str, object]]
+) -> None:
+    identity = h.verify(h.fake.token(**claims()))
+
+    assert identity.subject == "110169484474386276334"
+    assert identity.email_verified
+
+
+def test_a_token_without_a_key_id_is_checked_against_every_published_key(h: Harness) -> None:
+    assert h.verify(with_kid(h.fake, None)).subject == "110169484474386276334"
+
+
+# ---------------------------------------------------------------------------
+# Rejected tokens: always InvalidIdToken, never another exception type
+
+
+REJECTED = [
+    pytest.param(
+        lambda g: g.token(aud="999-other.apps.googleusercontent.com"),
+        "bad_audience",
+        "another application",
+        id="wrong_audience",
+    ),
+    pytest.param(
+        lambda g: g.token(aud=["999-other.apps.googleusercontent.com", "x"]),
+        "bad_audience",
+        "another application",
+        id="audience_list",
+    ),
+    pytest.param(
+        lambda g: g.token(iss="https://evil.example.com"),
+        "bad_issuer",
+        "'https://evil.example.com'",
+        id="wrong_issuer",
+    ),
+    pytest.param(
+        lambda g: g.token(iss="http://accounts.google.com"),
+        "bad_issuer",
+        "'http://accounts.google.com'",
+        id="issuer_over_http",
+    ),
+    pytest.param(lambda g: g.token(iss=None), "bad_issuer", "issuer", id="missing_issuer"),
+    pytest.param(
+        lambda g: g.token(iat=now_s() - 7200, exp=now_s() - SKEW_S - 600),
+        "expired",
+        "expired",
+        id="expired",
+    ),
+    pytest.param(
+        lambda g: g.token(iat=now_s() + SKEW_S + 600, exp=now_s() + 7200),
+        "not_yet_valid",
+        "not valid yet",
+        id="issued_in_the_future",
+    ),
+    pytest.param(lambda g: g.token(exp=None), "missing_claim", "claim", id="missing_exp"),
+    pytest.param(lambda g: g.token(exp="soon"), "invalid", "not valid", id="exp_not_a_number"),
+    pytest.param(forged_signature, "bad_signature", "signature", id="bad_signature"),
+    pytest.param(unpublished_key, "unknown_key", "unknown key", id="unknown_key_id"),
+    pytest.param(lambda g: g.unsigned_token(), "bad_alg", "'none'", id="alg_none"),
+    pytest.param(
+        lambda g: g.token_with_header({"alg": "HS256"}), "bad_alg", "'HS256'", id="alg_hs256"
+    ),
+    pytest.param(lambda g: raw_jwt({"typ": "JWT"}, g.claims()), "bad_alg", "RS256", id="no_alg"),
+    pytest.param(
+        lambda g: raw_jwt({"alg": ["RS256"], "kid": g.current.kid}, g.claims()),
+        "bad_alg",
+        "RS256",
+        id="alg_is_a_list",
+    ),
+    pytest.param(lambda g: g.token(sub=None), "bad_subject", "subject", id="missing_sub"),
+    pytest.param(lambda g: g.token(sub=""), "bad_subject", "subject", id="empty_sub"),
+    pytest.param(lambda g: g.token(sub=12345), "bad_subject", "subject", id="numeric_sub"),
+    pytest.param(lambda g: "not-a-jwt", "malformed", "well-formed", id="garbage"),
+    pytest.param(lambda g: "a.b.c", "malformed", "well-formed", id="three_garbage_parts"),
+    pytest.param(lambda g: "é.é.é", "malformed", "well-formed", id="non_ascii"),
+    pytest.param(lambda g: g.token() + ".extra", "malformed", "well-formed", id="four_segments"),
+    pytest.param(
+        lambda g: raw_jwt({"alg": "RS256"}, [1, 2]), "malformed", "well-formed", id="claims_array"
+    ),
+    pytest.param(
+        lambda g: raw_jwt(["RS256"], g.claims()), "malformed", "well-formed", id="header_array"
+    ),
+    pytest.param(deeply_nested_header, "malformed", "well-formed", id="deeply_nested_header"),
+]
+
+
+@pytest.mark.parametrize(("make", "reason", "says"), REJECTED)
+def test_bad_tokens_are_invalid_id_tokens(
+    h: Harness, make: Callable[[FakeGoogle], str], reason: str, says: str
+) -> None:
+    token = make(h.fake)
+
+    with pytest.raises(InvalidIdToken) as caught:
+        h.verify(token)
+
+    error = caught.value
+    assert isinstance(error, Unauthenticated)
+    assert error.reason == reason
+    assert says in error.message
+    # google-auth's own texts ("Token expired, 123 < 456", "Could not verify ...") quote
+    # internals; the client gets our sentence instead.
+    assert "Token" not in error.message and "Could not" not in error.message
+
+
+def test_a_valid_signature_is_required_even_for_a_well_formed_token(h: Harness) -> None:
+    header, claims, _ = h.fake.token().split(".")
+    other_signature = h.fake.token(sub="someone-else").split(".")[2]
+
+    with pytest.raises(InvalidIdToken) as caught:
+        h.verify(f"{header}.{claims}.{other_signature}")
+
+    assert caught.value.reason == "bad_signature"
+
+
+@pytest.mark.parametrize("token", ["", "   ", "\n"])
+def test_an_empty_token_is_an_invalid_argument(h: Harness, token: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        h.verify(token)
+
+    assert caught.value.field == "google_id_token"
+    assert "required" in caught.value.message
+    assert not isinstance(caught.value, Unauthenticated)
+
+
+def test_an_oversized_token_is_an_invalid_argument_quoting_its_length(h: Harness) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        h.verify("a" * 9000)
+
+    assert caught.value.field == "google_id_token"
+    assert "9000" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        pytest.param({"email_verified": False}, id="unverified"),
+        pytest.param({"email_verified": None}, id="email_verified_missing"),
+        pytest.param({"email_verified": "false"}, id="unverified_as_string"),
+        pytest.param({"email": None}, id="no_email"),
+    ],
+)
+def test_an_unverified_email_is_permission_denied(h: Harness, claims: dict[str, object]) -> None:
+    with pytest.raises(PermissionDenied) as caught:
+        h.verify(h.fake.token(**claims))
+
+    assert "not verified" in caught.value.message
+
+
+def test_an_unverified_email_passes_when_not_required(fake: FakeGoogle) -> None:
+    lax = make_harness(fake, require_verified_email=False)
+
+    identity = lax.verify(fake.token(email_verified=False))
+
+    assert identity.email == "ann@example.com"
+    assert not identity.email_verified
+
+
+# ---------------------------------------------------------------------------
+# The certs cache
+
+
+def test_certs_are_fetched_once_for_many_verifications(h: Harness) -> None:
+    for i in range(50):
+        h.verify(h.fake.token(sub=f"user-{i}", iss=ISSUERS[i % 2]))
+        h.clock.advance(1)
+
+    assert h.fetches == 1
+
+
+def test_certs_are_fetched_again_after_their_max_age(h: Harness) -> None:
+    token = h.fake.token()
+    h.verify(token)
+    h.clock.advance(MAX_AGE_S - 1)
+    h.verify(token)
+    assert h.fetches == 1
+
+    h.clock.advance(1)
+    h.verify(token)
+    h.verify(token)
+
+    assert h.fetches == 2
+
+
+def test_unknown_key_ids_refetch_once_then_are_rate_limited(h: Harness) -> None:
+    h.verify(h.fake.token())
+    h.clock.advance(REFETCH_GAP_S + 1)  # still fresh, but a refetch is allowed again
+
+    for _ in range(60):
+        with pytest.raises(InvalidIdToken) as caught:
+            h.verify(with_kid(h.fake, secrets.token_hex(20)))
+        assert caught.value.reason == "unknown_key"
+        h.clock.advance(0.4)  # 24 s in all, inside one refetch interval
+    assert h.fetches == 2
+
+    h.clock.advance(REFETCH_GAP_S)
+    with pytest.raises(InvalidIdToken):
+        h.verify(with_kid(h.fake, secrets.token_hex(20)))
+    assert h.fetches == 3
+
+
+def test_unknown_key_ids_do_not_refetch_right_after_a_fetch(h: Harness) -> None:
+    h.verify(h.fake.token())
+
+    for _ in range(20):
+        with pytest.raises(InvalidIdToken):
+            h.verify(with_kid(h.fake, secrets.token_hex(20)))
+        h.clock.advance(1)
+
+    assert h.fetches == 1
+
+
+def test_a_rotated_key_is_picked_up_through_the_unknown_key_refetch(h: Harness) -> None:
+    old_token = h.fake.token()
+    h.verify(old_token)
+    h.fake.rotate(publish=False)
+    new_token = h.fake.token(sub="after-rotation")
+
+    with pytest.raises(InvalidIdToken) as caught:
+        h.verify(new_token)
+    assert caught.value.reason == "unknown_key"
+
+    h.fake.publish_current()
+    h.clock.advance(REFETCH_GAP_S + 1)  # well inside max-age: only the unknown kid refetches
+
+    assert h.verify(new_token).subject == "after-rotation"
+    assert h.verify(old_token).subject == "110169484474386276334"
+    assert h.fetches == 2
+
+
+def test_certs_down_with_nothing_cached_is_unavailable(h: Harness) -> None:
+    token = h.fake.token()
+
+    with h.fake.outage():
+        with pytest.raises(Unavailable) as caught:
+            h.verify(token)
+        for _ in range(20):  # an outage does not queue every sign-in behind a fetch
+            with pytest.raises(Unavailable):
+                h.verify(token)
+        assert h.fetches == 1
+
+    assert not isinstance(caught.value, Unauthenticated)
+    assert "try again" in caught.value.message
+    h.clock.advance(1.001)  # the retry back-off
+    assert h.verify(token).subject == "110169484474386276334"  # and it recovers
+
+
+def test_certs_down_after_a_fetch_keeps_the_cached_keys_working(h: Harness) -> None:
+    token = h.fake.token()
+    h.verify(token)
+
+    with h.fake.outage():
+        assert h.verify(token).subject == "110169484474386276334"
+        h.clock.advance(MAX_AGE_S + 60)
+        fetches_before = h.fetches
+        assert h.verify(token).subject == "110169484474386276334"
+        assert h.fetches == fetches_before + 1  # the refresh was tried, and failed
+
+    h.verify(token)  # the endpoint is back: the stale cache is refreshed...
+    fetches_after_recovery = h.fetches
+    h.verify(token)  # ...and fresh again
+    assert h.fetches == fetches_after_recovery

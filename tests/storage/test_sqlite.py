@@ -1,0 +1,180 @@
+"""The SQLite store on a real file: schema migrations, what it keeps, concurrent writers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from server.domain.models import Identity, User
+from server.domain.sessions import NewSession, SessionPolicy, Sessions
+from server.domain.tokens import CookieSigner
+from server.storage.sqlite import SchemaTooNew, SQLiteStore, check_schema, migrate
+
+MINUTE = 60_000
+ALL_MIGRATIONS = ["m001_users_and_sessions"]
+
+
+class FakeClock:
+    """Milliseconds that move only when the test says so."""
+
+    def __init__(self, start_ms: int = 1_767_225_600_000) -> None:
+        self.ms = start_ms
+
+    def now_ms(self) -> int:
+        return self.ms
+
+    def advance(self, ms: int) -> None:
+        self.ms += ms
+
+
+ANN = Identity(
+    issuer="https://accounts.google.com",
+    subject="110169484474386276334",
+    email="ann@example.com",
+    email_verified=True,
+    name="Ann Example",
+    picture="",
+    locale="en-GB",
+)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "auth.sqlite3"
+
+
+@pytest.fixture
+def store(path: Path) -> Iterator[SQLiteStore]:
+    migrate(path)
+    sqlite = SQLiteStore(path)
+    yield sqlite
+    sqlite.close()
+
+
+@pytest.fixture
+def sessions(store: SQLiteStore) -> Sessions:
+    policy = SessionPolicy(idle_ms=30 * MINUTE, max_age_ms=12 * 60 * MINUTE)
+    return Sessions(store, clock=FakeClock(), policy=policy)
+
+
+def query(path: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def test_migrate_applies_everything_once(path: Path) -> None:
+    assert check_schema(path) == ALL_MIGRATIONS
+
+    assert migrate(path) == ALL_MIGRATIONS
+    assert migrate(path) == []
+    assert check_schema(path) == []
+    tables = {name for (name,) in query(path, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"users", "sessions"} <= tables
+
+
+def test_migrating_again_keeps_the_data(path: Path, sessions: Sessions) -> None:
+    new = asyncio.run(sessions.sign_in(ANN, user_agent=""))
+
+    assert migrate(path) == []
+
+    assert query(path, "SELECT id FROM users") == [(new.user.id,)]
+
+
+@pytest.mark.parametrize("check", [check_schema, migrate], ids=["check_schema", "migrate"])
+def test_a_database_from_a_newer_version_is_refused(
+    path: Path, check: Callable[[Path], list[str]]
+) -> None:
+    migrate(path)
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(
+            "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) VALUES (?, ?, ?)",
+            ("expense-auth", "m999_from_the_future", "2030-01-01 00:00:00+00:00"),
+        )
+
+    with pytest.raises(SchemaTooNew, match="m999_from_the_future"):
+        check(path)
+
+
+def test_migrations_of_another_set_are_none_of_our_business(path: Path) -> None:
+    migrate(path)
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(
+            "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) VALUES (?, ?, ?)",
+            ("some-plugin", "m001_plugin_tables", "2030-01-01 00:00:00+00:00"),
+        )
+
+    assert check_schema(path) == []
+
+
+def test_wal_mode_is_on(path: Path, sessions: Sessions) -> None:
+    asyncio.run(sessions.sign_in(ANN, user_agent=""))
+
+    assert query(path, "PRAGMA journal_mode") == [("wal",)]
+    assert path.with_name(path.name + "-wal").exists()
+
+
+def test_only_the_hash_of_a_session_secret_is_stored(path: Path, sessions: Sessions) -> None:
+    new: NewSession = asyncio.run(sessions.sign_in(ANN, user_agent="Firefox on Linux"))
+    secret = new.secret
+    cookie = CookieSigner(["some-key"]).sign(secret)
+
+    rows = query(path, "SELECT * FROM sessions")
+
+    assert len(rows) == 1
+    for value in rows[0]:
+        assert value not in (secret, secret.encode(), cookie, cookie.encode())
+        if isinstance(value, str | bytes):
+            assert secret[:16] not in (value if isinstance(value, str) else value.decode("latin-1"))
+    assert query(path, "SELECT token_hash FROM sessions") == [
+        (hashlib.sha256(secret.encode()).digest(),)
+    ]
+    on_disk = b"".join(
+        file.read_bytes() for file in path.parent.iterdir() if file.name.startswith(path.name)
+    )
+    assert secret.encode() not in on_disk
+    assert hashlib.sha256(secret.encode()).digest() in on_disk  # the scan sees the data
+
+
+def test_concurrent_first_sign_ins_create_one_user(
+    path: Path, store: SQLiteStore, sessions: Sessions
+) -> None:
+    threads_count = 20
+    start = threading.Barrier(threads_count)
+    results: list[NewSession] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker(index: int) -> None:
+        try:
+            start.wait(timeout=10)
+            new = asyncio.run(sessions.sign_in(ANN, user_agent=f"thread {index}"))
+        except BaseException as exc:  # reported below, with the thread's error
+            with lock:
+                errors.append(exc)
+        else:
+            with lock:
+                results.append(new)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert errors == []
+    assert len(results) == threads_count
+    users: set[User] = {new.user for new in results}
+    assert len({user.id for user in users}) == 1
+    (user_id,) = {user.id for user in users}
+    assert query(path, "SELECT count(*) FROM users") == [(1,)]
+    assert query(
+        path, "SELECT count(*), count(DISTINCT id) FROM sessions WHERE user_id = ?", user_id
+    ) == [(threads_count, threads_count)]
+    assert query(path, "SELECT count(*) FROM sessions") == [(threads_count,)]
