@@ -13,6 +13,7 @@ from server.domain.models import Identity, Principal, SessionCursor
 from server.domain.sessions import NewSession, SessionPolicy, Sessions
 from server.domain.tokens import hash_secret, new_public_id, new_secret
 from server.storage.sqlite import SQLiteStore, migrate
+from tests.support.clock import ManualClock
 
 SECOND = 1000
 MINUTE = 60 * SECOND
@@ -24,22 +25,9 @@ START_MS = 1_767_225_600_000
 run = asyncio.run
 
 
-class FakeClock:
-    """Milliseconds that move only when the test says so."""
-
-    def __init__(self, start_ms: int = START_MS) -> None:
-        self.ms = start_ms
-
-    def now_ms(self) -> int:
-        return self.ms
-
-    def advance(self, ms: int) -> None:
-        self.ms += ms
-
-
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
@@ -52,7 +40,7 @@ def store(tmp_path: Path) -> Iterator[SQLiteStore]:
 
 
 @pytest.fixture
-def sessions(store: SQLiteStore, clock: FakeClock) -> Sessions:
+def sessions(store: SQLiteStore, clock: ManualClock) -> Sessions:
     policy = SessionPolicy(idle_ms=IDLE_MS, max_age_ms=MAX_AGE_MS, touch_interval_ms=TOUCH_MS)
     return Sessions(store, clock=clock, policy=policy)
 
@@ -96,7 +84,7 @@ def stored_last_seen(store: SQLiteStore, new: NewSession) -> int:
 
 
 def test_sign_in_creates_the_user_and_a_session(
-    sessions: Sessions, store: SQLiteStore, clock: FakeClock
+    sessions: Sessions, store: SQLiteStore, clock: ManualClock
 ) -> None:
     new = run(sessions.sign_in(identity("sub-1"), user_agent="x" * 500))
 
@@ -129,10 +117,10 @@ def test_a_new_user_without_a_locale_gets_the_default(sessions: Sessions) -> Non
 
 
 def test_signing_in_again_reuses_the_user_and_starts_a_new_session(
-    sessions: Sessions, clock: FakeClock
+    sessions: Sessions, clock: ManualClock
 ) -> None:
     first = sign_in(sessions, "sub-3")
-    clock.advance(MINUTE)
+    clock.advance_ms(MINUTE)
     again = run(sessions.sign_in(identity("sub-3", email="new@example.com"), user_agent=""))
     stranger = run(sessions.sign_in(identity("sub-4", email="new@example.com"), user_agent=""))
 
@@ -168,9 +156,9 @@ def test_an_unknown_secret_is_unauthenticated(sessions: Sessions, secret: str) -
 # Expiry
 
 
-def test_a_session_unused_for_the_idle_timeout_ends(sessions: Sessions, clock: FakeClock) -> None:
+def test_a_session_unused_for_the_idle_timeout_ends(sessions: Sessions, clock: ManualClock) -> None:
     new = sign_in(sessions)
-    clock.advance(IDLE_MS)
+    clock.advance_ms(IDLE_MS)
 
     error = rejection(sessions, new)
 
@@ -179,56 +167,56 @@ def test_a_session_unused_for_the_idle_timeout_ends(sessions: Sessions, clock: F
 
 
 def test_a_session_used_just_before_the_idle_timeout_lives(
-    sessions: Sessions, clock: FakeClock
+    sessions: Sessions, clock: ManualClock
 ) -> None:
     new = sign_in(sessions)
-    clock.advance(IDLE_MS - 1)
+    clock.advance_ms(IDLE_MS - 1)
 
     assert authenticate(sessions, new).session.id == new.session.id
 
 
 def test_last_seen_is_written_at_most_once_per_touch_interval(
-    sessions: Sessions, store: SQLiteStore, clock: FakeClock
+    sessions: Sessions, store: SQLiteStore, clock: ManualClock
 ) -> None:
     new = sign_in(sessions)
     signed_in_at = clock.now_ms()
 
-    clock.advance(TOUCH_MS - 1)
+    clock.advance_ms(TOUCH_MS - 1)
     assert authenticate(sessions, new).session.last_seen_ms == signed_in_at
     assert stored_last_seen(store, new) == signed_in_at
 
-    clock.advance(1)
+    clock.advance_ms(1)
     assert authenticate(sessions, new).session.last_seen_ms == signed_in_at + TOUCH_MS
     assert stored_last_seen(store, new) == signed_in_at + TOUCH_MS
 
-    clock.advance(TOUCH_MS // 2)
+    clock.advance_ms(TOUCH_MS // 2)
     assert authenticate(sessions, new).session.last_seen_ms == signed_in_at + TOUCH_MS
     assert stored_last_seen(store, new) == signed_in_at + TOUCH_MS
 
 
 def test_activity_within_the_idle_timeout_extends_the_session(
-    sessions: Sessions, clock: FakeClock
+    sessions: Sessions, clock: ManualClock
 ) -> None:
     new = sign_in(sessions)
     for _ in range(3):
-        clock.advance(20 * MINUTE)
+        clock.advance_ms(20 * MINUTE)
         authenticate(sessions, new)
 
-    clock.advance(IDLE_MS - 1)  # 89 minutes after sign-in, 29:59 after the last use
+    clock.advance_ms(IDLE_MS - 1)  # 89 minutes after sign-in, 29:59 after the last use
     authenticate(sessions, new)
-    clock.advance(IDLE_MS)
+    clock.advance_ms(IDLE_MS)
 
     assert rejection(sessions, new).reason == "idle"
 
 
-def test_a_session_ends_at_its_max_age_however_busy(sessions: Sessions, clock: FakeClock) -> None:
+def test_a_session_ends_at_its_max_age_however_busy(sessions: Sessions, clock: ManualClock) -> None:
     new = sign_in(sessions)
     for _ in range(MAX_AGE_MS // (10 * MINUTE) - 1):
-        clock.advance(10 * MINUTE)
+        clock.advance_ms(10 * MINUTE)
         authenticate(sessions, new)
-    clock.advance(10 * MINUTE - 1)
+    clock.advance_ms(10 * MINUTE - 1)
     authenticate(sessions, new)
-    clock.advance(1)
+    clock.advance_ms(1)
 
     error = rejection(sessions, new)
 
@@ -297,10 +285,10 @@ def test_an_empty_session_id_is_an_invalid_argument(sessions: Sessions) -> None:
 
 
 def test_a_session_that_ended_by_inactivity_cannot_be_revoked(
-    sessions: Sessions, clock: FakeClock
+    sessions: Sessions, clock: ManualClock
 ) -> None:
     idle = sign_in(sessions)
-    clock.advance(IDLE_MS)
+    clock.advance_ms(IDLE_MS)
     current = authenticate(sessions, sign_in(sessions))
     assert rejection(sessions, idle).reason == "idle"
 
@@ -309,17 +297,17 @@ def test_a_session_that_ended_by_inactivity_cannot_be_revoked(
 
 
 def test_revoke_others_revokes_the_other_live_sessions_and_counts_them(
-    sessions: Sessions, clock: FakeClock
+    sessions: Sessions, clock: ManualClock
 ) -> None:
     too_old = sign_in(sessions)
-    clock.advance(MAX_AGE_MS - 10 * MINUTE)
+    clock.advance_ms(MAX_AGE_MS - 10 * MINUTE)
     current = sign_in(sessions)
     already_revoked = sign_in(sessions)
     others = [sign_in(sessions) for _ in range(3)]
     stranger = sign_in(sessions, "sub-stranger")
     principal = authenticate(sessions, current)
     run(sessions.revoke(principal, already_revoked.session.id))
-    clock.advance(11 * MINUTE)  # `too_old` is now past its max age
+    clock.advance_ms(11 * MINUTE)  # `too_old` is now past its max age
     assert rejection(sessions, too_old).reason == "max_age"
 
     count = run(sessions.revoke_others(authenticate(sessions, current)))
@@ -333,10 +321,10 @@ def test_revoke_others_revokes_the_other_live_sessions_and_counts_them(
 
 
 def test_revoke_others_counts_what_the_session_list_shows(
-    sessions: Sessions, clock: FakeClock
+    sessions: Sessions, clock: ManualClock
 ) -> None:
     gone_idle = sign_in(sessions)
-    clock.advance(IDLE_MS)
+    clock.advance_ms(IDLE_MS)
     current = authenticate(sessions, sign_in(sessions))
     live_other = sign_in(sessions)
     listed, _ = run(sessions.list_live(current, page_size=0, after=None))
@@ -354,12 +342,12 @@ def test_revoke_others_counts_what_the_session_list_shows(
 
 @pytest.mark.parametrize("gap_ms", [SECOND, 0], ids=["distinct_times", "same_millisecond"])
 def test_list_live_pages_newest_first_without_duplicates_or_gaps(
-    sessions: Sessions, clock: FakeClock, gap_ms: int
+    sessions: Sessions, clock: ManualClock, gap_ms: int
 ) -> None:
     made = []
     for _ in range(7):
         made.append(sign_in(sessions, "sub-lister"))
-        clock.advance(gap_ms)
+        clock.advance_ms(gap_ms)
     sign_in(sessions, "sub-someone-else")
     principal = authenticate(sessions, made[-1])
     expected = sorted(made, key=lambda n: (n.session.create_ms, n.session.id), reverse=True)
@@ -381,24 +369,24 @@ def test_list_live_pages_newest_first_without_duplicates_or_gaps(
 
 
 def test_list_live_leaves_out_revoked_idle_and_too_old_sessions(
-    sessions: Sessions, clock: FakeClock
+    sessions: Sessions, clock: ManualClock
 ) -> None:
     too_old = sign_in(sessions)
     for _ in range(4):  # kept busy, so that it ends by max age, not by inactivity
-        clock.advance(20 * MINUTE)
+        clock.advance_ms(20 * MINUTE)
         authenticate(sessions, too_old)
-    clock.advance(5 * MINUTE)  # t0 + 85 min
+    clock.advance_ms(5 * MINUTE)  # t0 + 85 min
     gone_idle = sign_in(sessions)
-    clock.advance(15 * MINUTE)  # t0 + 100 min
+    clock.advance_ms(15 * MINUTE)  # t0 + 100 min
     authenticate(sessions, too_old)
-    clock.advance(MINUTE)  # t0 + 101 min
+    clock.advance_ms(MINUTE)  # t0 + 101 min
     revoked = sign_in(sessions)
     live = [sign_in(sessions)]
-    clock.advance(SECOND)
+    clock.advance_ms(SECOND)
     live.append(sign_in(sessions))
     principal = authenticate(sessions, live[0])
     run(sessions.revoke(principal, revoked.session.id))
-    clock.advance(20 * MINUTE)  # t0 + 121 min: too_old past max age, gone_idle idle 36 min
+    clock.advance_ms(20 * MINUTE)  # t0 + 121 min: too_old past max age, gone_idle idle 36 min
 
     page, cursor = run(sessions.list_live(principal, page_size=0, after=None))
 

@@ -28,6 +28,7 @@ from server.domain.errors import (
 from server.domain.models import Identity
 from server.identity.certs import HttpCerts
 from server.identity.verifier import IdTokenVerifier
+from tests.support.clock import ManualClock
 from tests.support.google import CLIENT_ID, FakeGoogle
 
 ISSUERS = ("https://accounts.google.com", "accounts.google.com")
@@ -37,23 +38,10 @@ MAX_AGE_S = 3600  # FakeGoogle's Cache-Control max-age
 REFETCH_GAP_S = 30  # HttpCerts refetches for an unknown key id at most this often
 
 
-class FakeClock:
-    """The certs cache's clock: moves only when the test says so."""
-
-    def __init__(self, start_ms: int = 1_767_225_600_000) -> None:
-        self.ms = start_ms
-
-    def now_ms(self) -> int:
-        return self.ms
-
-    def advance(self, seconds: float) -> None:
-        self.ms += int(seconds * 1000)
-
-
 @dataclass
 class Harness:
     fake: FakeGoogle
-    clock: FakeClock
+    clock: ManualClock
     verifier: IdTokenVerifier
     fetches_before: int
 
@@ -67,7 +55,7 @@ class Harness:
 
 
 def make_harness(fake: FakeGoogle, *, require_verified_email: bool = True) -> Harness:
-    clock = FakeClock()
+    clock = ManualClock()
     certs = HttpCerts(fake.certs_url, clock=clock)  # one cache for both spellings, as in prod
     verifier = IdTokenVerifier(
         audiences=[CLIENT_ID],

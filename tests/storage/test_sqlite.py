@@ -16,22 +16,10 @@ from server.domain.models import Identity, User
 from server.domain.sessions import NewSession, SessionPolicy, Sessions
 from server.domain.tokens import CookieSigner
 from server.storage.sqlite import SchemaTooNew, SQLiteStore, check_schema, migrate
+from tests.support.clock import ManualClock
 
 MINUTE = 60_000
 ALL_MIGRATIONS = ["m001_users_and_sessions"]
-
-
-class FakeClock:
-    """Milliseconds that move only when the test says so."""
-
-    def __init__(self, start_ms: int = 1_767_225_600_000) -> None:
-        self.ms = start_ms
-
-    def now_ms(self) -> int:
-        return self.ms
-
-    def advance(self, ms: int) -> None:
-        self.ms += ms
 
 
 ANN = Identity(
@@ -61,7 +49,7 @@ def store(path: Path) -> Iterator[SQLiteStore]:
 @pytest.fixture
 def sessions(store: SQLiteStore) -> Sessions:
     policy = SessionPolicy(idle_ms=30 * MINUTE, max_age_ms=12 * 60 * MINUTE)
-    return Sessions(store, clock=FakeClock(), policy=policy)
+    return Sessions(store, clock=ManualClock(), policy=policy)
 
 
 def query(path: Path, sql: str, *params: object) -> list[tuple[object, ...]]:

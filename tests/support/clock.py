@@ -33,3 +33,22 @@ class FileClock:
     def advance(self, seconds: float) -> None:
         """Move the clock forward."""
         self.set_ms(self.now_ms() + int(seconds * 1000))
+
+
+class ManualClock:
+    """An in-process fake clock: milliseconds that move only when the test says so."""
+
+    def __init__(self, start_ms: int = 1_767_225_600_000) -> None:
+        self.ms = start_ms
+
+    def now_ms(self) -> int:
+        """The current fake time."""
+        return self.ms
+
+    def advance(self, seconds: float) -> None:
+        """Move forward by seconds."""
+        self.ms += int(seconds * 1000)
+
+    def advance_ms(self, ms: int) -> None:
+        """Move forward by milliseconds."""
+        self.ms += ms
