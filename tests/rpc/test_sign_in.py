@@ -189,3 +189,19 @@ def test_google_down_is_unavailable_until_keys_are_cached(
             client.sign_in(google.token(sub=new_sub()))  # cached keys keep working
     finally:
         assert fresh.stop() == 0
+
+
+def test_client_address_is_the_tcp_peer_not_a_forged_header(
+    server: RunningServer, google: FakeGoogle
+) -> None:
+    client = Session(server.url)
+    client.sign_in(google.token(sub=new_sub()))
+    request_id = f"xff-{secrets.token_hex(6)}"
+    client.call(
+        client.auth.get_session,
+        GetSessionRequest(),
+        headers={**client.headers, "x-forwarded-for": "6.6.6.6", "x-request-id": request_id},
+    )
+    (line,) = [line for line in server.logs().splitlines() if request_id in line]
+    assert "client=127.0.0.1:" in line
+    assert "6.6.6.6" not in line

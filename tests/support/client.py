@@ -42,11 +42,18 @@ class Session:
             headers["cookie"] = self.cookie
         return headers
 
-    def call(self, fn: Callable[..., T], request: object, **kwargs: object) -> T:
+    def call(
+        self,
+        fn: Callable[..., T],
+        request: object,
+        *,
+        headers: dict[str, str] | None = None,
+        **kwargs: object,
+    ) -> T:
         """Invoke `fn(request)` with the jar's cookie and absorb any Set-Cookie."""
         with ResponseMetadata() as meta:
             try:
-                return fn(request, headers=self.headers, **kwargs)
+                return fn(request, headers=headers or self.headers, **kwargs)
             finally:
                 self._absorb(meta)
 
