@@ -17,7 +17,7 @@ from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
 from interceptors.logging import REQUEST_ID_HEADER
-from server.domain.errors import DomainError
+from server.domain.errors import DomainError, RateLimited
 from server.rpc.errors import INTERNAL_MESSAGE, to_connect_error
 
 log = logging.getLogger("expense_auth.errors")
@@ -37,6 +37,8 @@ class ErrorBoundary:
         if error is None or isinstance(error, ConnectError):
             return
         if isinstance(error, DomainError):
+            if isinstance(error, RateLimited):
+                ctx.response_headers["retry-after"] = str(error.retry_after_s)
             raise to_connect_error(error) from None
         log.error(
             "unhandled exception in %s/%s",

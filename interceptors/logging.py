@@ -16,6 +16,7 @@ from typing import Any
 from connectrpc.code import Code
 from connectrpc.request import RequestContext
 
+from interceptors.client_ip import client_ip
 from server.rpc.errors import code_of
 
 log = logging.getLogger("expense_auth.rpc")
@@ -61,7 +62,8 @@ class RequestLogger:
                 "http_method": ctx.http_method,
                 "code": "ok" if code is None else code.value,
                 "duration_ms": round(duration_ms, 3),
-                "client": ctx.client_address or "",
+                "client": client_ip() or ctx.client_address or "",
+                "peer": ctx.client_address or "",
                 "request_id": ctx.response_headers.get(REQUEST_ID_HEADER, ""),
             },
         )

@@ -15,6 +15,7 @@ from connectrpc_grpcreflect import (
     ServerReflectionASGIApplication,
     ServerReflectionService,
 )
+from starlette.types import ASGIApp
 
 from gen.expense.auth.v1 import auth_pb
 from gen.expense.auth.v1.auth_connect import AuthServiceASGIApplication
@@ -22,21 +23,28 @@ from gen.expense.user.v1 import user_pb
 from gen.expense.user.v1.user_connect import UserServiceASGIApplication
 from gen.grpc.health.v1 import health_pb
 from gen.grpc.health.v1.health_connect import HealthASGIApplication
+from interceptors.browser_guard import BrowserGuard
+from interceptors.client_ip import ClientAddress
+from interceptors.deadline import Deadline
 from interceptors.errors import ErrorBoundary
 from interceptors.logging import RequestLogger
+from interceptors.rate_limit import NetworkRateLimit, PrincipalRateLimit
 from interceptors.session import SessionInterceptor
 from server.config import Config
 from server.domain.clock import Clock, SystemClock
 from server.domain.sessions import SessionPolicy, Sessions
+from server.domain.throttle import POLICIES, Throttle
 from server.domain.tokens import CookieSigner
 from server.domain.users import Users
 from server.identity.certs import CertsSource, HttpCerts, StaticCerts
 from server.identity.dev_issuer import DEV_AUDIENCE, DEV_ISSUER, DevIssuer
 from server.identity.verifier import GOOGLE_ISSUERS, IdTokenVerifier
+from server.middleware import with_edge
 from server.router import JSONHandler, Router
 from server.rpc.auth import AuthService, IdentityVerifier
 from server.rpc.cookies import SessionCookies
 from server.rpc.health import HealthService, HealthState
+from server.rpc.nonces import SignInNonces
 from server.rpc.page_tokens import PageTokens
 from server.rpc.user import UserService
 from server.rpc.user_agent import warm_up
@@ -46,7 +54,12 @@ from server.storage.sqlite import SQLiteStore, check_schema
 # big bodies early keeps memory flat under abuse. Applied after decompression too.
 READ_MAX_BYTES = 64 * 1024
 DEV_SECRET_FILE = "dev-session-secret"  # noqa: S105 (a file name, not a secret)
-PUBLIC_PROCEDURES = frozenset({"/expense.auth.v1.AuthService/SignIn"})
+PUBLIC_PROCEDURES = frozenset(
+    {
+        "/expense.auth.v1.AuthService/SignIn",
+        "/expense.auth.v1.AuthService/CreateSignInNonce",
+    }
+)
 
 
 class SchemaNotReady(Exception):
@@ -57,7 +70,7 @@ class SchemaNotReady(Exception):
 class App:
     """The ASGI application and the parts a caller may need to steer."""
 
-    asgi: Router
+    asgi: ASGIApp
     health: HealthState
     store: SQLiteStore
 
@@ -140,16 +153,36 @@ def create_app(
     warm_up()
     health = HealthState()
 
-    # The interceptor order, written once, first = outermost.
-    edge: Sequence[Interceptor] = (ErrorBoundary(), RequestLogger())
-    # A rate limiter goes here, after logging and before the session lookup.
+    throttle = Throttle(
+        config.rate_limit_storage_url,
+        {name: getattr(config, f"rate_limit_{name}") for name in POLICIES},
+    )
+
+    # The interceptor order, written once, first = outermost. All but Deadline
+    # are metadata interceptors, so they run before the request body is read.
+    edge: Sequence[Interceptor] = (
+        ErrorBoundary(),
+        ClientAddress(config.trusted_proxies),
+        RequestLogger(),
+    )
     authenticated: Sequence[Interceptor] = (
         *edge,
+        BrowserGuard(config.cors_allowed_origin),
+        NetworkRateLimit(throttle, session_cookie=cookies.name),
         SessionInterceptor(sessions, cookies, public=PUBLIC_PROCEDURES),
+        PrincipalRateLimit(throttle, public=PUBLIC_PROCEDURES),
+        Deadline(config.request_timeout_seconds),
     )
 
     auth = AuthService(
-        sessions=sessions, verifier=verifier, cookies=cookies, page_tokens=PageTokens(keys)
+        sessions=sessions,
+        verifier=verifier,
+        cookies=cookies,
+        nonces=SignInNonces(
+            keys, secure=config.session_secure_cookie, required=config.nonce_required
+        ),
+        page_tokens=PageTokens(keys),
+        throttle=throttle,
     )
     user = UserService(users=Users(store, clock=clock))
     services = [auth_pb.desc(), user_pb.desc(), health_pb.desc()]
@@ -179,4 +212,5 @@ def create_app(
         dev_certs = dev.certs()
         get_routes["/dev/certs"] = lambda: (200, dev_certs, {"cache-control": "max-age=300"})
     router = Router(apps, get_routes=get_routes, on_shutdown=store.close)
-    return App(asgi=router, health=health, store=store)
+    asgi = with_edge(router, allowed_origins=config.cors_allowed_origin, https=config.https)
+    return App(asgi=asgi, health=health, store=store)

@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser(
-        "serve", help="run the server (Connect, gRPC-Web and gRPC on one port)"
+        "serve",
+        help="run the server (Connect, gRPC-Web and gRPC on one port; "
+        "HTTPS only when TLS_CERT_FILE and TLS_KEY_FILE are set)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port; 0 picks a free one")
@@ -50,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--email", required=True)
     token.add_argument("--name", default="")
     token.add_argument("--sub", default="", help="subject; default derived from the email")
+    token.add_argument(
+        "--nonce", default="", help="the nonce from CreateSignInNonce, when sign-in requires one"
+    )
     return parser
 
 
@@ -68,7 +73,10 @@ def _dev_token(config: Config, args: argparse.Namespace) -> int:
         )
         return 2
     issuer = DevIssuer.load_or_create(config.data_dir)
-    print(issuer.mint(email=args.email, name=args.name, subject=args.sub, audience=DEV_AUDIENCE))
+    token = issuer.mint(
+        email=args.email, name=args.name, subject=args.sub, nonce=args.nonce, audience=DEV_AUDIENCE
+    )
+    print(token)
     return 0
 
 
@@ -91,7 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             _migrate(config)
         from server.serve import serve
 
-        return asyncio.run(serve(args.app, host=args.host, port=args.port))
+        return asyncio.run(
+            serve(
+                args.app,
+                host=args.host,
+                port=args.port,
+                tls_cert_file=config.tls_cert_file,
+                tls_key_file=config.tls_key_file,
+            )
+        )
     except SchemaTooNew as exc:
         print(f"expense-auth: {exc}; upgrade expense-auth", file=sys.stderr)
         return 2

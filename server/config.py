@@ -7,15 +7,18 @@ naming the variable, so that an operator fixes the environment in one go.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import limits
 from dotenv import dotenv_values
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     ValidationError,
     field_validator,
@@ -24,6 +27,9 @@ from pydantic import (
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 MIN_SECRET_BYTES = 32
+_ORIGIN = re.compile(
+    r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?"
+)
 _KEYGEN_HINT = 'python3 -c "import secrets; print(secrets.token_urlsafe(48))"'
 
 
@@ -64,8 +70,23 @@ class Config(BaseModel):
     cors_allowed_origin: list[str] = Field(default_factory=list)
     dev_identity_enabled: bool | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # The edge: TLS, proxies, limits.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    behind_tls_proxy: bool = False
+    trusted_proxies: list[IPvAnyNetwork] = Field(default_factory=list)
+    signin_nonce_required: bool | None = None
+    request_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    rate_limit_storage_url: str = "memory://"
+    rate_limit_signin_per_ip: str = "10/minute;60/hour"
+    rate_limit_signin_per_subject: str = "10/minute;30/hour"
+    rate_limit_failed_signin_per_ip: str = "20/hour"
+    rate_limit_unauthenticated_per_ip: str = "120/minute"
+    rate_limit_per_session: str = "300/minute"
+    rate_limit_per_user: str = "600/minute"
+    rate_limit_global: str = "2000/second"
 
-    @field_validator("google_client_id", "cors_allowed_origin", mode="before")
+    @field_validator("google_client_id", "cors_allowed_origin", "trusted_proxies", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -74,6 +95,43 @@ class Config(BaseModel):
     @classmethod
     def _csv_secrets(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("cors_allowed_origin")
+    @classmethod
+    def _exact_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"each origin must be exact, scheme://host[:port] with no path or wildcard "
+                    f"(the literal origin 'null' is never allowed), got {origin!r}"
+                )
+        return origins
+
+    @field_validator(
+        "rate_limit_signin_per_ip",
+        "rate_limit_signin_per_subject",
+        "rate_limit_failed_signin_per_ip",
+        "rate_limit_unauthenticated_per_ip",
+        "rate_limit_per_session",
+        "rate_limit_per_user",
+        "rate_limit_global",
+    )
+    @classmethod
+    def _limits(cls, value: str) -> str:
+        try:
+            limits.parse_many(value)
+        except ValueError:
+            raise ValueError(
+                f"expected limits such as '10/minute;60/hour', got {value!r}"
+            ) from None
+        return value
+
+    @field_validator("rate_limit_storage_url")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        if not value.removeprefix("async+").startswith(("memory://", "redis://", "valkey://")):
+            raise ValueError(f"expected memory:// or redis://host:port, got {value[:60]!r}")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -89,6 +147,16 @@ class Config(BaseModel):
                     f"SESSION_SECRET_KEY: key #{i + 1} is shorter than {MIN_SECRET_BYTES} bytes; "
                     f"generate one with: {_KEYGEN_HINT}"
                 )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            problems.append(
+                "TLS_CERT_FILE, TLS_KEY_FILE: give both (PEM files) to serve HTTPS, or neither"
+            )
+        for name, path in (
+            ("TLS_CERT_FILE", self.tls_cert_file),
+            ("TLS_KEY_FILE", self.tls_key_file),
+        ):
+            if path is not None and not path.is_file():
+                problems.append(f"{name}: no such file: {str(path)!r}")
         if self.session_max_age_seconds < self.session_idle_timeout_seconds:
             problems.append(
                 "SESSION_MAX_AGE_SECONDS: must be at least SESSION_IDLE_TIMEOUT_SECONDS "
@@ -108,6 +176,16 @@ class Config(BaseModel):
             if not self.session_secure_cookie:
                 problems.append(
                     "SESSION_SECURE_COOKIE: must be true in production (cookies only over HTTPS)"
+                )
+            if self.tls_cert_file is None and not self.behind_tls_proxy:
+                problems.append(
+                    "TLS_CERT_FILE: production needs HTTPS: give TLS_CERT_FILE and TLS_KEY_FILE, "
+                    "or set BEHIND_TLS_PROXY=true when a TLS-terminating proxy is in front"
+                )
+            if self.signin_nonce_required is False:
+                problems.append(
+                    "SIGNIN_NONCE_REQUIRED: must stay on in production (it stops login CSRF "
+                    "and token replay); unset it"
                 )
             if self.dev_identity_enabled:
                 problems.append(
@@ -129,6 +207,18 @@ class Config(BaseModel):
         if self.dev_identity_enabled is None:
             return not self.production
         return self.dev_identity_enabled
+
+    @property
+    def nonce_required(self) -> bool:
+        """Whether SignIn requires a nonce from CreateSignInNonce (default: in production)."""
+        if self.signin_nonce_required is None:
+            return self.production
+        return self.signin_nonce_required
+
+    @property
+    def https(self) -> bool:
+        """Whether clients reach the service over HTTPS (directly or through a proxy)."""
+        return self.tls_cert_file is not None or self.behind_tls_proxy
 
     @property
     def sqlite_path(self) -> Path:
@@ -185,6 +275,9 @@ def _describe(exc: ValidationError) -> list[str]:
             problems.extend(message.splitlines())
             continue
         name = loc[0].upper()
+        if error["type"] == "value_error":  # our own validators quote the value themselves
+            problems.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
+            continue
         value = error.get("input")
         shown = "<secret>" if name == "SESSION_SECRET_KEY" else repr(value)
         problems.append(f"{name}: {error['msg']}, got {shown}")

@@ -16,9 +16,8 @@ a long call is noticed up to `poll_s` late.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
-from server.router import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class ReceiveAfterBodyFix:
@@ -39,7 +38,7 @@ class ReceiveAfterBodyFix:
         async def patient_receive() -> Message:
             nonlocal body_done
             if not body_done:
-                message: dict[str, Any] = await asyncio.shield(receive())
+                message = await asyncio.shield(receive())
                 if message["type"] != "http.request" or not message.get("more_body", False):
                     body_done = True
                 return message

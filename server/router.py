@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
+
+from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("expense_auth.http")
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 JSONHandler = Callable[[], tuple[int, Mapping[str, Any], Mapping[str, str]]]
 
 

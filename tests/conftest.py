@@ -33,11 +33,28 @@ def google() -> Iterator[FakeGoogle]:
     fake.stop()
 
 
+# Functional tests sign in hundreds of times from one address; the rate limits
+# themselves are tested in tests/security with their real, small numbers.
+GENEROUS_LIMITS = {
+    f"RATE_LIMIT_{name.upper()}": "1000000/minute"
+    for name in (
+        "global",
+        "signin_per_ip",
+        "signin_per_subject",
+        "failed_signin_per_ip",
+        "unauthenticated_per_ip",
+        "per_session",
+        "per_user",
+    )
+}
+
+
 def server_env(google: FakeGoogle, **extra: str) -> dict[str, str]:
     """The environment of a development server that trusts the fake Google."""
     return {
         "GOOGLE_CLIENT_ID": CLIENT_ID,
         "GOOGLE_CERTS_URL": google.certs_url,
+        **GENEROUS_LIMITS,
         **extra,
     }
 

@@ -73,6 +73,7 @@ def test_valid_production_config_loads() -> None:
             "SESSION_SECRET_KEY": f"{'o' * 40},{STRONG}",
             "SESSION_SECURE_COOKIE": "true",
             "CORS_ALLOWED_ORIGIN": "https://app.example.com",
+            "BEHIND_TLS_PROXY": "true",
         }
     )
     assert config.google_client_id == [

@@ -57,3 +57,11 @@ class NotFound(DomainError):
 
 class Unavailable(DomainError):
     """A dependency is down; the client may retry later."""
+
+
+class RateLimited(DomainError):
+    """The caller sent too many requests; they may retry after `retry_after_s`."""
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

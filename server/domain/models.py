@@ -13,7 +13,8 @@ class Identity:
     """A person as a verified ID token describes them.
 
     Users are keyed by (issuer, subject), never by email: an email address can
-    move between accounts, a subject cannot.
+    move between accounts, a subject cannot. `token_hash` and `token_expire_ms`
+    identify the token itself, so that it can be accepted only once.
     """
 
     issuer: str
@@ -23,6 +24,9 @@ class Identity:
     name: str
     picture: str
     locale: str
+    nonce: str = ""
+    token_hash: bytes = b""
+    token_expire_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,6 +80,7 @@ class DevIssuer:
         audience: str,
         name: str = "",
         subject: str = "",
+        nonce: str = "",
         now_s: int | None = None,
         lifetime_s: int = TOKEN_LIFETIME_S,
         extra: dict[str, Any] | None = None,
@@ -96,8 +97,10 @@ class DevIssuer:
             "name": name or email.split("@", 1)[0],
             "iat": issued,
             "exp": issued + lifetime_s,
-            "nonce": secrets.token_urlsafe(16),
+            "jti": secrets.token_hex(16),
         }
+        if nonce:
+            payload["nonce"] = nonce
         payload.update(extra or {})
         token: bytes = google.auth.jwt.encode(self._signer, payload)
         return token.decode()

@@ -10,6 +10,7 @@ client can act on; none is `internal`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
 CANONICAL_GOOGLE_ISSUER = "https://accounts.google.com"
-MAX_TOKEN_LENGTH = 8192
+MAX_TOKEN_LENGTH = 4096  # Google ID tokens are ~1.2 KB
 _SUPPORTED_ALGS = frozenset({"RS256"})
 
 
@@ -101,9 +102,9 @@ class IdTokenVerifier:
             raise _describe(exc) from None
         if claims.get("iss") != issuer:
             raise InvalidIdToken("the ID token's issuer is not accepted", reason="bad_issuer")
-        return self._identity(claims, issuer)
+        return self._identity(claims, issuer, token)
 
-    def _identity(self, claims: Mapping[str, Any], issuer: str) -> Identity:
+    def _identity(self, claims: Mapping[str, Any], issuer: str, token: str) -> Identity:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject or len(subject) > 255:
             raise InvalidIdToken("the ID token has no valid subject", reason="bad_subject")
@@ -115,6 +116,7 @@ class IdTokenVerifier:
                 "the Google account's email address is not verified; verify it with Google "
                 "and sign in again"
             )
+        expires = claims.get("exp")
         return Identity(
             issuer=CANONICAL_GOOGLE_ISSUER if issuer in GOOGLE_ISSUERS else issuer,
             subject=subject,
@@ -123,6 +125,9 @@ class IdTokenVerifier:
             name=_text(claims.get("name"), 100),
             picture=_text(claims.get("picture"), 2048),
             locale=_locale(claims.get("locale")),
+            nonce=_text(claims.get("nonce"), 256),
+            token_hash=hashlib.sha256(token.encode()).digest(),
+            token_expire_ms=(int(expires) + self._skew) * 1000 if isinstance(expires, int) else 0,
         )
 
 

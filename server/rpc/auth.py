@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 from connectrpc.request import RequestContext
 
 from gen.expense.auth.v1 import auth_connect
 from gen.expense.auth.v1.auth_pb import (
+    CreateSignInNonceRequest,
+    CreateSignInNonceResponse,
     GetSessionRequest,
     GetSessionResponse,
     ListSessionsRequest,
@@ -24,10 +27,14 @@ from gen.expense.auth.v1.auth_pb import (
 from interceptors.session import current_principal
 from server.domain.models import Identity
 from server.domain.sessions import Sessions
+from server.domain.throttle import SIGNIN_PER_SUBJECT, Throttle
 from server.rpc import convert
 from server.rpc.cookies import SessionCookies
+from server.rpc.nonces import NONCE_TTL_S, SignInNonces
 from server.rpc.page_tokens import PageTokens
 from server.rpc.user_agent import summarize
+
+CLEAR_SITE_DATA = '"cache", "cookies"'
 
 
 class IdentityVerifier(Protocol):
@@ -47,22 +54,45 @@ class AuthService(auth_connect.AuthService):
         sessions: Sessions,
         verifier: IdentityVerifier,
         cookies: SessionCookies,
+        nonces: SignInNonces,
         page_tokens: PageTokens,
+        throttle: Throttle,
     ) -> None:
         self._sessions = sessions
         self._verifier = verifier
         self._cookies = cookies
+        self._nonces = nonces
         self._page_tokens = page_tokens
+        self._throttle = throttle
+
+    async def create_sign_in_nonce(
+        self,
+        request: CreateSignInNonceRequest,
+        ctx: RequestContext[CreateSignInNonceRequest, CreateSignInNonceResponse],
+    ) -> CreateSignInNonceResponse:
+        """A fresh nonce, bound to this browser by a short-lived cookie."""
+        nonce, set_cookie = self._nonces.issue()
+        ctx.response_headers.add("set-cookie", set_cookie)
+        expire = time.time_ns() // 1_000_000 + NONCE_TTL_S * 1000
+        return CreateSignInNonceResponse(nonce=nonce, expire_time=convert.timestamp(expire))
 
     async def sign_in(
         self, request: SignInRequest, ctx: RequestContext[SignInRequest, SignInResponse]
     ) -> SignInResponse:
         """Verify the token and start a new session (never reuse the caller's)."""
         identity = await self._verifier.verify(request.google_id_token)
+        used_nonce = self._nonces.check(identity.nonce, ctx.request_headers.getall("cookie"))
+        await self._throttle.hit(
+            SIGNIN_PER_SUBJECT,
+            f"{identity.issuer}|{identity.subject}",
+            what="too many sign-ins for this account",
+        )
         created = await self._sessions.sign_in(
             identity, user_agent=summarize(ctx.request_headers.get("user-agent", ""))
         )
         ctx.response_headers.add("set-cookie", self._cookies.issue(created.secret))
+        if used_nonce:
+            ctx.response_headers.add("set-cookie", self._nonces.expire())
         return SignInResponse(
             user=convert.user(created.user),
             session=convert.session(
@@ -90,6 +120,8 @@ class AuthService(auth_connect.AuthService):
         """Revoke the current session and expire the cookie."""
         await self._sessions.sign_out(current_principal())
         ctx.response_headers.add("set-cookie", self._cookies.expire())
+        # Also tells the browser to drop what it cached or stored for this site.
+        ctx.response_headers["clear-site-data"] = CLEAR_SITE_DATA
         return SignOutResponse()
 
     async def list_sessions(

@@ -9,12 +9,34 @@ plant or overwrite it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from server.domain.tokens import CookieSigner
 
 BASE_NAME = "expense_session"
 MAX_COOKIE_HEADER = 8192
+
+
+def format_cookie(name: str, value: str, *, max_age: int, secure: bool) -> str:
+    """A Set-Cookie value with the service's attributes (HttpOnly, SameSite=Lax, Path=/)."""
+    parts = [f"{name}={value}", "Path=/", f"Max-Age={max_age}", "HttpOnly", "SameSite=Lax"]
+    if secure:
+        parts.append("Secure")
+    return "; ".join(parts)
+
+
+def cookie_values(cookie_headers: Iterable[str], name: str) -> Iterator[str]:
+    """Every value of cookie `name` in the Cookie header(s), in order.
+
+    HTTP/2 clients may split cookies over several headers; each is read.
+    """
+    for header in cookie_headers:
+        if len(header) > MAX_COOKIE_HEADER:
+            continue
+        for pair in header.split(";"):
+            key, sep, value = pair.strip().partition("=")
+            if sep and key == name:
+                yield value.strip().strip('"')
 
 
 class SessionCookies:
@@ -35,23 +57,12 @@ class SessionCookies:
         return self._format("", 0)
 
     def secret_from(self, cookie_headers: Iterable[str]) -> str | None:
-        """The verified session secret from the request's Cookie header(s), if any.
-
-        HTTP/2 clients may split cookies over several headers; each is read.
-        """
-        for header in cookie_headers:
-            if len(header) > MAX_COOKIE_HEADER:
-                continue
-            for pair in header.split(";"):
-                name, sep, value = pair.strip().partition("=")
-                if sep and name == self.name:
-                    secret = self._signer.unsign(value.strip().strip('"'))
-                    if secret is not None:
-                        return secret
+        """The verified session secret from the request's Cookie header(s), if any."""
+        for value in cookie_values(cookie_headers, self.name):
+            secret = self._signer.unsign(value)
+            if secret is not None:
+                return secret
         return None
 
     def _format(self, value: str, max_age: int) -> str:
-        parts = [f"{self.name}={value}", "Path=/", f"Max-Age={max_age}", "HttpOnly", "SameSite=Lax"]
-        if self._secure:
-            parts.append("Secure")
-        return "; ".join(parts)
+        return format_cookie(self.name, value, max_age=max_age, secure=self._secure)

@@ -10,6 +10,7 @@ from server.domain.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    RateLimited,
     Unauthenticated,
     Unavailable,
 )
@@ -20,6 +21,7 @@ _CODES: tuple[tuple[type[DomainError], Code], ...] = (
     (PermissionDenied, Code.PERMISSION_DENIED),
     (NotFound, Code.NOT_FOUND),
     (Unavailable, Code.UNAVAILABLE),
+    (RateLimited, Code.RESOURCE_EXHAUSTED),
 )
 
 INTERNAL_MESSAGE = "internal error; it has been logged with this request's x-request-id"

@@ -44,3 +44,17 @@ def m001_users_and_sessions(db: Database) -> None:
         """
     )
     db.execute("CREATE INDEX sessions_by_user ON sessions (user_id, create_ms DESC, id DESC)")
+
+
+@migrations()
+def m002_used_id_tokens(db: Database) -> None:
+    """ID tokens already used to sign in, kept until they expire: each is accepted once."""
+    db.execute(
+        """
+        CREATE TABLE used_id_tokens (
+            token_hash BLOB PRIMARY KEY,
+            expire_ms INTEGER NOT NULL
+        ) STRICT, WITHOUT ROWID
+        """
+    )
+    db.execute("CREATE INDEX used_id_tokens_by_expiry ON used_id_tokens (expire_ms)")

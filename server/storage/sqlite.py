@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from server.domain.errors import InvalidIdToken
 from server.domain.models import Identity, Principal, Session, SessionCursor, User
 from server.storage.base import UserDefaults
 from server.storage.migrations import migrations
@@ -150,8 +151,24 @@ class SQLiteStore:
         session: Session,
         now_ms: int,
     ) -> tuple[User, Session]:
-        """Upsert the user by (issuer, subject) and insert the session, in one transaction."""
+        """Upsert the user by (issuer, subject) and insert the session, in one transaction.
+
+        Raises:
+            InvalidIdToken: The identity's token was used before (a replay).
+        """
         with self._write() as conn:
+            if identity.token_hash:
+                conn.execute("DELETE FROM used_id_tokens WHERE expire_ms < ?", (now_ms,))
+                claimed = conn.execute(
+                    "INSERT INTO used_id_tokens (token_hash, expire_ms) VALUES (?, ?) "
+                    "ON CONFLICT DO NOTHING",
+                    (identity.token_hash, identity.token_expire_ms),
+                ).rowcount
+                if claimed != 1:
+                    raise InvalidIdToken(
+                        "this ID token was already used to sign in; get a new one from Google",
+                        reason="replayed",
+                    )
             row = conn.execute(
                 f"""
                 INSERT INTO users ({_USER_COLUMNS})

@@ -41,7 +41,15 @@ def call(curl: str, args: Sequence[str]) -> HttpResponse:
 def post(
     curl: str, url: str, body: str, *, cookie: str | None = None, content_type: str | None = None
 ) -> HttpResponse:
-    args = ["-X", "POST", url, "-H", f"content-type: {content_type or 'application/json'}"]
+    args = [
+        "-X",
+        "POST",
+        url,
+        "-H",
+        f"content-type: {content_type or 'application/json'}",
+        "-H",
+        "connect-protocol-version: 1",
+    ]
     if cookie:
         args += ["-H", f"cookie: {cookie}"]
     return call(curl, [*args, "--data-binary", body])

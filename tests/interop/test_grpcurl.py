@@ -88,6 +88,7 @@ def test_describe_shows_every_rpc_and_the_read_only_ones(
     assert sorted(rpcs) == sorted(
         (name, f"{name}Request")
         for name in (
+            "CreateSignInNonce",
             "SignIn",
             "GetSession",
             "SignOut",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -124,6 +125,7 @@ class FakeGoogle:
             "locale": "en-GB",
             "iat": now,
             "exp": now + 3600,
+            "jti": secrets.token_hex(16),
         }
         claims.update(overrides)
         return {k: v for k, v in claims.items() if v is not None}

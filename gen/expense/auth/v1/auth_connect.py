@@ -19,7 +19,7 @@ from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DE
 from protobuf import DescService
 
 from . import auth_pb
-from .auth_pb import GetSessionRequest, GetSessionResponse, ListSessionsRequest, ListSessionsResponse, RevokeOtherSessionsRequest, RevokeOtherSessionsResponse, RevokeSessionRequest, RevokeSessionResponse, SignInRequest, SignInResponse, SignOutRequest, SignOutResponse
+from .auth_pb import CreateSignInNonceRequest, CreateSignInNonceResponse, GetSessionRequest, GetSessionResponse, ListSessionsRequest, ListSessionsResponse, RevokeOtherSessionsRequest, RevokeOtherSessionsResponse, RevokeSessionRequest, RevokeSessionResponse, SignInRequest, SignInResponse, SignOutRequest, SignOutResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -37,6 +37,16 @@ class AuthService(Protocol):
     server sets on SignIn; browsers send it automatically, other clients pass it
     in a `Cookie` header.
     """
+    async def create_sign_in_nonce(self, request: CreateSignInNonceRequest, ctx: RequestContext[CreateSignInNonceRequest, CreateSignInNonceResponse], /) -> CreateSignInNonceResponse:
+        """
+        CreateSignInNonce starts a sign-in: it returns a fresh nonce and sets a
+        short-lived, HttpOnly pre-sign-in cookie bound to it. The frontend passes
+        the nonce to Google Identity Services, which puts it into the ID token;
+        SignIn then requires the token's nonce to match the cookie. This defeats
+        login CSRF and the replay of a token obtained elsewhere.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
     async def sign_in(self, request: SignInRequest, ctx: RequestContext[SignInRequest, SignInResponse], /) -> SignInResponse:
         """
         SignIn verifies a Google ID token, creates or updates the user it names and
@@ -97,6 +107,17 @@ class AuthServiceASGIApplication(ConnectASGIApplication[AuthService]):
         super().__init__(
             service=service,
             endpoints=lambda svc: {
+                "/expense.auth.v1.AuthService/CreateSignInNonce": Endpoint.unary(
+                    method=MethodInfo(
+                        name="CreateSignInNonce",
+                        service_name="expense.auth.v1.AuthService",
+                        input=CreateSignInNonceRequest,
+                        output=CreateSignInNonceResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.create_sign_in_nonce,
+                ),
                 "/expense.auth.v1.AuthService/SignIn": Endpoint.unary(
                     method=MethodInfo(
                         name="SignIn",
@@ -183,6 +204,33 @@ class AuthServiceClient(ConnectClient):
     server sets on SignIn; browsers send it automatically, other clients pass it
     in a `Cookie` header.
     """
+    async def create_sign_in_nonce(
+        self,
+        request: CreateSignInNonceRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> CreateSignInNonceResponse:
+        """
+        CreateSignInNonce starts a sign-in: it returns a fresh nonce and sets a
+        short-lived, HttpOnly pre-sign-in cookie bound to it. The frontend passes
+        the nonce to Google Identity Services, which puts it into the ID token;
+        SignIn then requires the token's nonce to match the cookie. This defeats
+        login CSRF and the replay of a token obtained elsewhere.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CreateSignInNonce",
+                service_name="expense.auth.v1.AuthService",
+                input=CreateSignInNonceRequest,
+                output=CreateSignInNonceResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
     async def sign_in(
         self,
         request: SignInRequest,
@@ -339,6 +387,16 @@ class AuthServiceSync(Protocol):
     server sets on SignIn; browsers send it automatically, other clients pass it
     in a `Cookie` header.
     """
+    def create_sign_in_nonce(self, request: CreateSignInNonceRequest, ctx: RequestContext[CreateSignInNonceRequest, CreateSignInNonceResponse], /) -> CreateSignInNonceResponse:
+        """
+        CreateSignInNonce starts a sign-in: it returns a fresh nonce and sets a
+        short-lived, HttpOnly pre-sign-in cookie bound to it. The frontend passes
+        the nonce to Google Identity Services, which puts it into the ID token;
+        SignIn then requires the token's nonce to match the cookie. This defeats
+        login CSRF and the replay of a token obtained elsewhere.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
     def sign_in(self, request: SignInRequest, ctx: RequestContext[SignInRequest, SignInResponse], /) -> SignInResponse:
         """
         SignIn verifies a Google ID token, creates or updates the user it names and
@@ -397,6 +455,17 @@ class AuthServiceWSGIApplication(ConnectWSGIApplication):
     ) -> None:
         super().__init__(
             endpoints={
+                "/expense.auth.v1.AuthService/CreateSignInNonce": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="CreateSignInNonce",
+                        service_name="expense.auth.v1.AuthService",
+                        input=CreateSignInNonceRequest,
+                        output=CreateSignInNonceResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.create_sign_in_nonce,
+                ),
                 "/expense.auth.v1.AuthService/SignIn": EndpointSync.unary(
                     method=MethodInfo(
                         name="SignIn",
@@ -483,6 +552,33 @@ class AuthServiceClientSync(ConnectClientSync):
     server sets on SignIn; browsers send it automatically, other clients pass it
     in a `Cookie` header.
     """
+    def create_sign_in_nonce(
+        self,
+        request: CreateSignInNonceRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> CreateSignInNonceResponse:
+        """
+        CreateSignInNonce starts a sign-in: it returns a fresh nonce and sets a
+        short-lived, HttpOnly pre-sign-in cookie bound to it. The frontend passes
+        the nonce to Google Identity Services, which puts it into the ID token;
+        SignIn then requires the token's nonce to match the cookie. This defeats
+        login CSRF and the replay of a token obtained elsewhere.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CreateSignInNonce",
+                service_name="expense.auth.v1.AuthService",
+                input=CreateSignInNonceRequest,
+                output=CreateSignInNonceResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
     def sign_in(
         self,
         request: SignInRequest,

@@ -99,6 +99,66 @@ class Session(Message[_SessionFields]):
         user_agent: str
         current: bool
 
+_CreateSignInNonceRequestFields: TypeAlias = NoReturn
+
+class CreateSignInNonceRequest(Message[_CreateSignInNonceRequestFields]):
+    """
+    CreateSignInNonceRequest has no fields.
+
+    ```proto
+    message expense.auth.v1.CreateSignInNonceRequest
+    ```
+    """
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+        ) -> None:
+            pass
+
+_CreateSignInNonceResponseFields: TypeAlias = Literal["nonce", "expire_time"]
+
+class CreateSignInNonceResponse(Message[_CreateSignInNonceResponseFields]):
+    """
+    CreateSignInNonceResponse carries the nonce to hand to Google Identity Services.
+
+    ```proto
+    message expense.auth.v1.CreateSignInNonceResponse
+    ```
+
+    Attributes:
+        nonce:
+            The nonce: pass it as the `nonce` option of Google Identity Services.
+
+            ```proto
+            string nonce = 1;
+            ```
+        expire_time:
+            When the nonce (and its cookie) stop being accepted.
+
+            ```proto
+            optional google.protobuf.Timestamp expire_time = 2;
+            ```
+    """
+
+    __slots__ = ("nonce", "expire_time")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            nonce: str = "",
+            expire_time: Timestamp | None = None,
+        ) -> None:
+            pass
+
+        nonce: str
+        expire_time: Timestamp | None
+
 _SignInRequestFields: TypeAlias = Literal["google_id_token"]
 
 class SignInRequest(Message[_SignInRequestFields]):
@@ -112,7 +172,9 @@ class SignInRequest(Message[_SignInRequestFields]):
     Attributes:
         google_id_token:
             The ID token (a JWT) that Google Identity Services returned to the
-            frontend, in its `credential` field.
+            frontend, in its `credential` field. Each token is accepted once. When
+            sign-in nonces are required (the default in production), its `nonce` claim
+            must be the nonce of this client's CreateSignInNonce call.
 
             ```proto
             string google_id_token = 1;
@@ -460,13 +522,15 @@ class RevokeOtherSessionsResponse(Message[_RevokeOtherSessionsResponseFields]):
 
 
 _DESC = file_desc(
-    b'\n\x1aexpense/auth/v1/auth.proto\x12\x0fexpense.auth.v1\x1a\x1aexpense/user/v1/user.proto\x1a\x1fgoogle/protobuf/timestamp.proto"\x8e\x02\n\x07Session\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12;\n\x0bcreate_time\x18\x02 \x01(\x0b2\x1a.google.protobuf.TimestampR\ncreateTime\x12@\n\x0elast_seen_time\x18\x03 \x01(\x0b2\x1a.google.protobuf.TimestampR\x0clastSeenTime\x12;\n\x0bexpire_time\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\nexpireTime\x12\x1d\n\nuser_agent\x18\x05 \x01(\tR\tuserAgent\x12\x18\n\x07current\x18\x06 \x01(\x08R\x07current"7\n\rSignInRequest\x12&\n\x0fgoogle_id_token\x18\x01 \x01(\tR\rgoogleIdToken"o\n\x0eSignInResponse\x12)\n\x04user\x18\x01 \x01(\x0b2\x15.expense.user.v1.UserR\x04user\x122\n\x07session\x18\x02 \x01(\x0b2\x18.expense.auth.v1.SessionR\x07session"\x13\n\x11GetSessionRequest"s\n\x12GetSessionResponse\x12)\n\x04user\x18\x01 \x01(\x0b2\x15.expense.user.v1.UserR\x04user\x122\n\x07session\x18\x02 \x01(\x0b2\x18.expense.auth.v1.SessionR\x07session"\x10\n\x0eSignOutRequest"\x11\n\x0fSignOutResponse"Q\n\x13ListSessionsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken"t\n\x14ListSessionsResponse\x124\n\x08sessions\x18\x01 \x03(\x0b2\x18.expense.auth.v1.SessionR\x08sessions\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken"5\n\x14RevokeSessionRequest\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId"\x17\n\x15RevokeSessionResponse"\x1c\n\x1aRevokeOtherSessionsRequest"B\n\x1bRevokeOtherSessionsResponse\x12#\n\rrevoked_count\x18\x01 \x01(\x05R\x0crevokedCount2\xb6\x04\n\x0bAuthService\x12I\n\x06SignIn\x12\x1e.expense.auth.v1.SignInRequest\x1a\x1f.expense.auth.v1.SignInResponse\x12Z\n\nGetSession\x12".expense.auth.v1.GetSessionRequest\x1a#.expense.auth.v1.GetSessionResponse"\x03\x90\x02\x01\x12L\n\x07SignOut\x12\x1f.expense.auth.v1.SignOutRequest\x1a .expense.auth.v1.SignOutResponse\x12`\n\x0cListSessions\x12$.expense.auth.v1.ListSessionsRequest\x1a%.expense.auth.v1.ListSessionsResponse"\x03\x90\x02\x01\x12^\n\rRevokeSession\x12%.expense.auth.v1.RevokeSessionRequest\x1a&.expense.auth.v1.RevokeSessionResponse\x12p\n\x13RevokeOtherSessions\x12+.expense.auth.v1.RevokeOtherSessionsRequest\x1a,.expense.auth.v1.RevokeOtherSessionsResponseb\x06proto3',
+    b'\n\x1aexpense/auth/v1/auth.proto\x12\x0fexpense.auth.v1\x1a\x1aexpense/user/v1/user.proto\x1a\x1fgoogle/protobuf/timestamp.proto"\x8e\x02\n\x07Session\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12;\n\x0bcreate_time\x18\x02 \x01(\x0b2\x1a.google.protobuf.TimestampR\ncreateTime\x12@\n\x0elast_seen_time\x18\x03 \x01(\x0b2\x1a.google.protobuf.TimestampR\x0clastSeenTime\x12;\n\x0bexpire_time\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\nexpireTime\x12\x1d\n\nuser_agent\x18\x05 \x01(\tR\tuserAgent\x12\x18\n\x07current\x18\x06 \x01(\x08R\x07current"\x1a\n\x18CreateSignInNonceRequest"n\n\x19CreateSignInNonceResponse\x12\x14\n\x05nonce\x18\x01 \x01(\tR\x05nonce\x12;\n\x0bexpire_time\x18\x02 \x01(\x0b2\x1a.google.protobuf.TimestampR\nexpireTime"7\n\rSignInRequest\x12&\n\x0fgoogle_id_token\x18\x01 \x01(\tR\rgoogleIdToken"o\n\x0eSignInResponse\x12)\n\x04user\x18\x01 \x01(\x0b2\x15.expense.user.v1.UserR\x04user\x122\n\x07session\x18\x02 \x01(\x0b2\x18.expense.auth.v1.SessionR\x07session"\x13\n\x11GetSessionRequest"s\n\x12GetSessionResponse\x12)\n\x04user\x18\x01 \x01(\x0b2\x15.expense.user.v1.UserR\x04user\x122\n\x07session\x18\x02 \x01(\x0b2\x18.expense.auth.v1.SessionR\x07session"\x10\n\x0eSignOutRequest"\x11\n\x0fSignOutResponse"Q\n\x13ListSessionsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken"t\n\x14ListSessionsResponse\x124\n\x08sessions\x18\x01 \x03(\x0b2\x18.expense.auth.v1.SessionR\x08sessions\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken"5\n\x14RevokeSessionRequest\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId"\x17\n\x15RevokeSessionResponse"\x1c\n\x1aRevokeOtherSessionsRequest"B\n\x1bRevokeOtherSessionsResponse\x12#\n\rrevoked_count\x18\x01 \x01(\x05R\x0crevokedCount2\xa2\x05\n\x0bAuthService\x12j\n\x11CreateSignInNonce\x12).expense.auth.v1.CreateSignInNonceRequest\x1a*.expense.auth.v1.CreateSignInNonceResponse\x12I\n\x06SignIn\x12\x1e.expense.auth.v1.SignInRequest\x1a\x1f.expense.auth.v1.SignInResponse\x12Z\n\nGetSession\x12".expense.auth.v1.GetSessionRequest\x1a#.expense.auth.v1.GetSessionResponse"\x03\x90\x02\x01\x12L\n\x07SignOut\x12\x1f.expense.auth.v1.SignOutRequest\x1a .expense.auth.v1.SignOutResponse\x12`\n\x0cListSessions\x12$.expense.auth.v1.ListSessionsRequest\x1a%.expense.auth.v1.ListSessionsResponse"\x03\x90\x02\x01\x12^\n\rRevokeSession\x12%.expense.auth.v1.RevokeSessionRequest\x1a&.expense.auth.v1.RevokeSessionResponse\x12p\n\x13RevokeOtherSessions\x12+.expense.auth.v1.RevokeOtherSessionsRequest\x1a,.expense.auth.v1.RevokeOtherSessionsResponseb\x06proto3',
     [
         user_pb.desc(),
         timestamp_pb.desc(),
     ],
     {
         "Session": Session,
+        "CreateSignInNonceRequest": CreateSignInNonceRequest,
+        "CreateSignInNonceResponse": CreateSignInNonceResponse,
         "SignInRequest": SignInRequest,
         "SignInResponse": SignInResponse,
         "GetSessionRequest": GetSessionRequest,

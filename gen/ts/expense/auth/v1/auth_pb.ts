@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file expense/auth/v1/auth.proto.
  */
 export const file_expense_auth_v1_auth: GenFile = /*@__PURE__*/
-  fileDesc("ChpleHBlbnNlL2F1dGgvdjEvYXV0aC5wcm90bxIPZXhwZW5zZS5hdXRoLnYxItABCgdTZXNzaW9uEgoKAmlkGAEgASgJEi8KC2NyZWF0ZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3NlZW5fdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZXhwaXJlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCnVzZXJfYWdlbnQYBSABKAkSDwoHY3VycmVudBgGIAEoCCIoCg1TaWduSW5SZXF1ZXN0EhcKD2dvb2dsZV9pZF90b2tlbhgBIAEoCSJgCg5TaWduSW5SZXNwb25zZRIjCgR1c2VyGAEgASgLMhUuZXhwZW5zZS51c2VyLnYxLlVzZXISKQoHc2Vzc2lvbhgCIAEoCzIYLmV4cGVuc2UuYXV0aC52MS5TZXNzaW9uIhMKEUdldFNlc3Npb25SZXF1ZXN0ImQKEkdldFNlc3Npb25SZXNwb25zZRIjCgR1c2VyGAEgASgLMhUuZXhwZW5zZS51c2VyLnYxLlVzZXISKQoHc2Vzc2lvbhgCIAEoCzIYLmV4cGVuc2UuYXV0aC52MS5TZXNzaW9uIhAKDlNpZ25PdXRSZXF1ZXN0IhEKD1NpZ25PdXRSZXNwb25zZSI8ChNMaXN0U2Vzc2lvbnNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIlsKFExpc3RTZXNzaW9uc1Jlc3BvbnNlEioKCHNlc3Npb25zGAEgAygLMhguZXhwZW5zZS5hdXRoLnYxLlNlc3Npb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIioKFFJldm9rZVNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkiFwoVUmV2b2tlU2Vzc2lvblJlc3BvbnNlIhwKGlJldm9rZU90aGVyU2Vzc2lvbnNSZXF1ZXN0IjQKG1Jldm9rZU90aGVyU2Vzc2lvbnNSZXNwb25zZRIVCg1yZXZva2VkX2NvdW50GAEgASgFMrYECgtBdXRoU2VydmljZRJJCgZTaWduSW4SHi5leHBlbnNlLmF1dGgudjEuU2lnbkluUmVxdWVzdBofLmV4cGVuc2UuYXV0aC52MS5TaWduSW5SZXNwb25zZRJaCgpHZXRTZXNzaW9uEiIuZXhwZW5zZS5hdXRoLnYxLkdldFNlc3Npb25SZXF1ZXN0GiMuZXhwZW5zZS5hdXRoLnYxLkdldFNlc3Npb25SZXNwb25zZSIDkAIBEkwKB1NpZ25PdXQSHy5leHBlbnNlLmF1dGgudjEuU2lnbk91dFJlcXVlc3QaIC5leHBlbnNlLmF1dGgudjEuU2lnbk91dFJlc3BvbnNlEmAKDExpc3RTZXNzaW9ucxIkLmV4cGVuc2UuYXV0aC52MS5MaXN0U2Vzc2lvbnNSZXF1ZXN0GiUuZXhwZW5zZS5hdXRoLnYxLkxpc3RTZXNzaW9uc1Jlc3BvbnNlIgOQAgESXgoNUmV2b2tlU2Vzc2lvbhIlLmV4cGVuc2UuYXV0aC52MS5SZXZva2VTZXNzaW9uUmVxdWVzdBomLmV4cGVuc2UuYXV0aC52MS5SZXZva2VTZXNzaW9uUmVzcG9uc2UScAoTUmV2b2tlT3RoZXJTZXNzaW9ucxIrLmV4cGVuc2UuYXV0aC52MS5SZXZva2VPdGhlclNlc3Npb25zUmVxdWVzdBosLmV4cGVuc2UuYXV0aC52MS5SZXZva2VPdGhlclNlc3Npb25zUmVzcG9uc2ViBnByb3RvMw", [file_expense_user_v1_user, file_google_protobuf_timestamp]);
+  fileDesc("ChpleHBlbnNlL2F1dGgvdjEvYXV0aC5wcm90bxIPZXhwZW5zZS5hdXRoLnYxItABCgdTZXNzaW9uEgoKAmlkGAEgASgJEi8KC2NyZWF0ZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3NlZW5fdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZXhwaXJlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCnVzZXJfYWdlbnQYBSABKAkSDwoHY3VycmVudBgGIAEoCCIaChhDcmVhdGVTaWduSW5Ob25jZVJlcXVlc3QiWwoZQ3JlYXRlU2lnbkluTm9uY2VSZXNwb25zZRINCgVub25jZRgBIAEoCRIvCgtleHBpcmVfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiKAoNU2lnbkluUmVxdWVzdBIXCg9nb29nbGVfaWRfdG9rZW4YASABKAkiYAoOU2lnbkluUmVzcG9uc2USIwoEdXNlchgBIAEoCzIVLmV4cGVuc2UudXNlci52MS5Vc2VyEikKB3Nlc3Npb24YAiABKAsyGC5leHBlbnNlLmF1dGgudjEuU2Vzc2lvbiITChFHZXRTZXNzaW9uUmVxdWVzdCJkChJHZXRTZXNzaW9uUmVzcG9uc2USIwoEdXNlchgBIAEoCzIVLmV4cGVuc2UudXNlci52MS5Vc2VyEikKB3Nlc3Npb24YAiABKAsyGC5leHBlbnNlLmF1dGgudjEuU2Vzc2lvbiIQCg5TaWduT3V0UmVxdWVzdCIRCg9TaWduT3V0UmVzcG9uc2UiPAoTTGlzdFNlc3Npb25zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJbChRMaXN0U2Vzc2lvbnNSZXNwb25zZRIqCghzZXNzaW9ucxgBIAMoCzIYLmV4cGVuc2UuYXV0aC52MS5TZXNzaW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIqChRSZXZva2VTZXNzaW9uUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJIhcKFVJldm9rZVNlc3Npb25SZXNwb25zZSIcChpSZXZva2VPdGhlclNlc3Npb25zUmVxdWVzdCI0ChtSZXZva2VPdGhlclNlc3Npb25zUmVzcG9uc2USFQoNcmV2b2tlZF9jb3VudBgBIAEoBTKiBQoLQXV0aFNlcnZpY2USagoRQ3JlYXRlU2lnbkluTm9uY2USKS5leHBlbnNlLmF1dGgudjEuQ3JlYXRlU2lnbkluTm9uY2VSZXF1ZXN0GiouZXhwZW5zZS5hdXRoLnYxLkNyZWF0ZVNpZ25Jbk5vbmNlUmVzcG9uc2USSQoGU2lnbkluEh4uZXhwZW5zZS5hdXRoLnYxLlNpZ25JblJlcXVlc3QaHy5leHBlbnNlLmF1dGgudjEuU2lnbkluUmVzcG9uc2USWgoKR2V0U2Vzc2lvbhIiLmV4cGVuc2UuYXV0aC52MS5HZXRTZXNzaW9uUmVxdWVzdBojLmV4cGVuc2UuYXV0aC52MS5HZXRTZXNzaW9uUmVzcG9uc2UiA5ACARJMCgdTaWduT3V0Eh8uZXhwZW5zZS5hdXRoLnYxLlNpZ25PdXRSZXF1ZXN0GiAuZXhwZW5zZS5hdXRoLnYxLlNpZ25PdXRSZXNwb25zZRJgCgxMaXN0U2Vzc2lvbnMSJC5leHBlbnNlLmF1dGgudjEuTGlzdFNlc3Npb25zUmVxdWVzdBolLmV4cGVuc2UuYXV0aC52MS5MaXN0U2Vzc2lvbnNSZXNwb25zZSIDkAIBEl4KDVJldm9rZVNlc3Npb24SJS5leHBlbnNlLmF1dGgudjEuUmV2b2tlU2Vzc2lvblJlcXVlc3QaJi5leHBlbnNlLmF1dGgudjEuUmV2b2tlU2Vzc2lvblJlc3BvbnNlEnAKE1Jldm9rZU90aGVyU2Vzc2lvbnMSKy5leHBlbnNlLmF1dGgudjEuUmV2b2tlT3RoZXJTZXNzaW9uc1JlcXVlc3QaLC5leHBlbnNlLmF1dGgudjEuUmV2b2tlT3RoZXJTZXNzaW9uc1Jlc3BvbnNlYgZwcm90bzM", [file_expense_user_v1_user, file_google_protobuf_timestamp]);
 
 /**
  * Session is one signed-in browser or client of a user.
@@ -76,6 +76,49 @@ export const SessionSchema: GenMessage<Session> = /*@__PURE__*/
   messageDesc(file_expense_auth_v1_auth, 0);
 
 /**
+ * CreateSignInNonceRequest has no fields.
+ *
+ * @generated from message expense.auth.v1.CreateSignInNonceRequest
+ */
+export type CreateSignInNonceRequest = Message<"expense.auth.v1.CreateSignInNonceRequest"> & {
+};
+
+/**
+ * Describes the message expense.auth.v1.CreateSignInNonceRequest.
+ * Use `create(CreateSignInNonceRequestSchema)` to create a new message.
+ */
+export const CreateSignInNonceRequestSchema: GenMessage<CreateSignInNonceRequest> = /*@__PURE__*/
+  messageDesc(file_expense_auth_v1_auth, 1);
+
+/**
+ * CreateSignInNonceResponse carries the nonce to hand to Google Identity Services.
+ *
+ * @generated from message expense.auth.v1.CreateSignInNonceResponse
+ */
+export type CreateSignInNonceResponse = Message<"expense.auth.v1.CreateSignInNonceResponse"> & {
+  /**
+   * The nonce: pass it as the `nonce` option of Google Identity Services.
+   *
+   * @generated from field: string nonce = 1;
+   */
+  nonce: string;
+
+  /**
+   * When the nonce (and its cookie) stop being accepted.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 2;
+   */
+  expireTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message expense.auth.v1.CreateSignInNonceResponse.
+ * Use `create(CreateSignInNonceResponseSchema)` to create a new message.
+ */
+export const CreateSignInNonceResponseSchema: GenMessage<CreateSignInNonceResponse> = /*@__PURE__*/
+  messageDesc(file_expense_auth_v1_auth, 2);
+
+/**
  * SignInRequest carries the credential from Google Identity Services.
  *
  * @generated from message expense.auth.v1.SignInRequest
@@ -83,7 +126,9 @@ export const SessionSchema: GenMessage<Session> = /*@__PURE__*/
 export type SignInRequest = Message<"expense.auth.v1.SignInRequest"> & {
   /**
    * The ID token (a JWT) that Google Identity Services returned to the
-   * frontend, in its `credential` field.
+   * frontend, in its `credential` field. Each token is accepted once. When
+   * sign-in nonces are required (the default in production), its `nonce` claim
+   * must be the nonce of this client's CreateSignInNonce call.
    *
    * @generated from field: string google_id_token = 1;
    */
@@ -95,7 +140,7 @@ export type SignInRequest = Message<"expense.auth.v1.SignInRequest"> & {
  * Use `create(SignInRequestSchema)` to create a new message.
  */
 export const SignInRequestSchema: GenMessage<SignInRequest> = /*@__PURE__*/
-  messageDesc(file_expense_auth_v1_auth, 1);
+  messageDesc(file_expense_auth_v1_auth, 3);
 
 /**
  * SignInResponse carries the signed-in user and the new session.
@@ -123,7 +168,7 @@ export type SignInResponse = Message<"expense.auth.v1.SignInResponse"> & {
  * Use `create(SignInResponseSchema)` to create a new message.
  */
 export const SignInResponseSchema: GenMessage<SignInResponse> = /*@__PURE__*/
-  messageDesc(file_expense_auth_v1_auth, 2);
+  messageDesc(file_expense_auth_v1_auth, 4);
 
 /**
  * GetSessionRequest has no fields: the session is the caller's.
@@ -138,7 +183,7 @@ export type GetSessionRequest = Message<"expense.auth.v1.GetSessionRequest"> & {
  * Use `create(GetSessionRequestSchema)` to create a new message.
  */
 export const GetSessionRequestSchema: GenMessage<GetSessionRequest> = /*@__PURE__*/
-  messageDesc(file_expense_auth_v1_auth, 3);
+  messageDesc(file_expense_auth_v1_auth, 5);
 
 /**
  * GetSessionResponse carries the caller's session and user.
@@ -166,7 +211,7 @@ export type GetSessionResponse = Message<"expense.auth.v1.GetSessionResponse"> &
  * Use `create(GetSessionResponseSchema)` to create a new message.
  */
 export const GetSessionResponseSchema: GenMessage<GetSessionResponse> = /*@__PURE__*/
-  messageDesc(file_expense_auth_v1_auth, 4);
+  messageDesc(file_expense_auth_v1_auth, 6);
 
 /**
  * SignOutRequest has no fields: the session is the caller's.
@@ -181,7 +226,7 @@ export type SignOutRequest = Message<"expense.auth.v1.SignOutRequest"> & {
  * Use `create(SignOutRequestSchema)` to create a new message.
  */
 export const SignOutRequestSchema: GenMessage<SignOutRequest> = /*@__PURE__*/
-  messageDesc(file_expense_auth_v1_auth, 5);
+  messageDesc(file_expense_auth_v1_auth, 7);
 
 /**
  * SignOutResponse is empty; the `Set-Cookie` header expires the cookie.
@@ -196,7 +241,7 @@ export type SignOutResponse = Message<"expense.auth.v1.SignOutResponse"> & {
  * Use `create(SignOutResponseSchema)` to create a new message.
  */
 export const SignOutResponseSchema: GenMessage<SignOutResponse> = /*@__PURE__*/
-  messageDesc(file_expense_auth_v1_auth, 6);
+  messageDesc(file_expense_auth_v1_auth, 8);
 
 /**
  * ListSessionsRequest asks for one page of the caller's sessions.
@@ -226,7 +271,7 @@ export type ListSessionsRequest = Message<"expense.auth.v1.ListSessionsRequest">
  * Use `create(ListSessionsRequestSchema)` to create a new message.
  */
 export const ListSessionsRequestSchema: GenMessage<ListSessionsRequest> = /*@__PURE__*/
-  messageDesc(file_expense_auth_v1_auth, 7);
+  messageDesc(file_expense_auth_v1_auth, 9);
 
 /**
  * ListSessionsResponse carries one page of sessions.
@@ -254,7 +299,7 @@ export type ListSessionsResponse = Message<"expense.auth.v1.ListSessionsResponse
  * Use `create(ListSessionsResponseSchema)` to create a new message.
  */
 export const ListSessionsResponseSchema: GenMessage<ListSessionsResponse> = /*@__PURE__*/
-  messageDesc(file_expense_auth_v1_auth, 8);
+  messageDesc(file_expense_auth_v1_auth, 10);
 
 /**
  * RevokeSessionRequest names the session to revoke.
@@ -275,7 +320,7 @@ export type RevokeSessionRequest = Message<"expense.auth.v1.RevokeSessionRequest
  * Use `create(RevokeSessionRequestSchema)` to create a new message.
  */
 export const RevokeSessionRequestSchema: GenMessage<RevokeSessionRequest> = /*@__PURE__*/
-  messageDesc(file_expense_auth_v1_auth, 9);
+  messageDesc(file_expense_auth_v1_auth, 11);
 
 /**
  * RevokeSessionResponse is empty.
@@ -290,7 +335,7 @@ export type RevokeSessionResponse = Message<"expense.auth.v1.RevokeSessionRespon
  * Use `create(RevokeSessionResponseSchema)` to create a new message.
  */
 export const RevokeSessionResponseSchema: GenMessage<RevokeSessionResponse> = /*@__PURE__*/
-  messageDesc(file_expense_auth_v1_auth, 10);
+  messageDesc(file_expense_auth_v1_auth, 12);
 
 /**
  * RevokeOtherSessionsRequest has no fields.
@@ -305,7 +350,7 @@ export type RevokeOtherSessionsRequest = Message<"expense.auth.v1.RevokeOtherSes
  * Use `create(RevokeOtherSessionsRequestSchema)` to create a new message.
  */
 export const RevokeOtherSessionsRequestSchema: GenMessage<RevokeOtherSessionsRequest> = /*@__PURE__*/
-  messageDesc(file_expense_auth_v1_auth, 11);
+  messageDesc(file_expense_auth_v1_auth, 13);
 
 /**
  * RevokeOtherSessionsResponse reports how many sessions were revoked.
@@ -326,7 +371,7 @@ export type RevokeOtherSessionsResponse = Message<"expense.auth.v1.RevokeOtherSe
  * Use `create(RevokeOtherSessionsResponseSchema)` to create a new message.
  */
 export const RevokeOtherSessionsResponseSchema: GenMessage<RevokeOtherSessionsResponse> = /*@__PURE__*/
-  messageDesc(file_expense_auth_v1_auth, 12);
+  messageDesc(file_expense_auth_v1_auth, 14);
 
 /**
  * AuthService signs users in with a Google ID token and manages their
@@ -337,6 +382,20 @@ export const RevokeOtherSessionsResponseSchema: GenMessage<RevokeOtherSessionsRe
  * @generated from service expense.auth.v1.AuthService
  */
 export const AuthService: GenService<{
+  /**
+   * CreateSignInNonce starts a sign-in: it returns a fresh nonce and sets a
+   * short-lived, HttpOnly pre-sign-in cookie bound to it. The frontend passes
+   * the nonce to Google Identity Services, which puts it into the ID token;
+   * SignIn then requires the token's nonce to match the cookie. This defeats
+   * login CSRF and the replay of a token obtained elsewhere.
+   *
+   * @generated from rpc expense.auth.v1.AuthService.CreateSignInNonce
+   */
+  createSignInNonce: {
+    methodKind: "unary";
+    input: typeof CreateSignInNonceRequestSchema;
+    output: typeof CreateSignInNonceResponseSchema;
+  },
   /**
    * SignIn verifies a Google ID token, creates or updates the user it names and
    * starts a new session, returned in a `Set-Cookie` response header. Any

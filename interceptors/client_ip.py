@@ -1,0 +1,79 @@
+"""The caller's IP address, resistant to forged X-Forwarded-For headers.
+
+The TCP peer is the client, unless the peer is one of the configured trusted
+proxies: then the client is the right-most X-Forwarded-For hop that is not a
+trusted proxy (hops to its left were written by the client and prove nothing).
+A header from an untrusted peer is ignored entirely.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from contextvars import ContextVar, Token
+from typing import Any
+
+from connectrpc.request import RequestContext
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_client_ip: ContextVar[str] = ContextVar("expense_auth_client_ip", default="")
+
+
+def client_ip() -> str:
+    """The current call's client IP ("" outside a call or when unknown)."""
+    return _client_ip.get()
+
+
+def _parse(text: str) -> IPAddress | None:
+    text = text.strip().strip("[]")
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def peer_ip(address: str | None) -> IPAddress | None:
+    """The IP of an `ip:port` peer (connectrpc writes IPv6 peers without brackets)."""
+    if not address:
+        return None
+    if address.startswith("["):
+        return _parse(address[1:].partition("]")[0])
+    return _parse(address.rpartition(":")[0] if ":" in address else address)
+
+
+def resolve(peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[IPNetwork]) -> str:
+    """The client IP for a call from `peer` carrying these X-Forwarded-For headers."""
+    ip = peer_ip(peer)
+    if ip is None:
+        return ""
+    if not any(ip in net for net in trusted):
+        return str(ip)
+    hops = [hop for header in forwarded_for for hop in header.split(",")]
+    for hop in reversed(hops):
+        hop_ip = _parse(hop)
+        if hop_ip is None:
+            break  # garbage in the chain: trust nothing to its left
+        if not any(hop_ip in net for net in trusted):
+            return str(hop_ip)
+        ip = hop_ip
+    return str(ip)
+
+
+class ClientAddress:
+    """Resolves the client IP once per call for the interceptors after it."""
+
+    def __init__(self, trusted_proxies: Sequence[IPNetwork]) -> None:
+        self._trusted = list(trusted_proxies)
+
+    async def on_start(self, ctx: RequestContext[Any, Any]) -> Token[str]:
+        """Resolve and remember the client IP."""
+        forwarded = ctx.request_headers.getall("x-forwarded-for") if self._trusted else ()
+        return _client_ip.set(resolve(ctx.client_address, forwarded, self._trusted))
+
+    async def on_end(
+        self, token: Token[str], ctx: RequestContext[Any, Any], error: Exception | None
+    ) -> None:
+        """Forget it."""
+        _client_ip.reset(token)

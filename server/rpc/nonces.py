@@ -1,0 +1,80 @@
+"""Sign-in nonces: a random value given to the frontend and bound to a cookie.
+
+CreateSignInNonce returns a nonce and sets a pre-sign-in cookie carrying the
+same nonce, signed with a timestamp (itsdangerous) so that it expires after
+NONCE_TTL_S. SignIn accepts a token only if its `nonce` claim equals the
+cookie's. An attacker cannot make a victim's browser sign in to the attacker's
+account (login CSRF): the attacker's token carries the attacker's nonce, which
+the victim's cookie does not match. A token stolen from another site's sign-in
+fails for the same reason.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections.abc import Iterable, Sequence
+
+from itsdangerous import BadSignature, SignatureExpired, TimestampSigner
+
+from server.domain.errors import Unauthenticated
+from server.rpc.cookies import cookie_values, format_cookie
+
+NONCE_TTL_S = 600
+BASE_NAME = "expense_signin_nonce"
+
+
+class SignInNonces:
+    """Issues nonce cookies and checks tokens against them."""
+
+    def __init__(self, keys_oldest_first: Sequence[str], *, secure: bool, required: bool) -> None:
+        self._signer = TimestampSigner(list(keys_oldest_first), salt="expense-auth.signin-nonce")
+        self._secure = secure
+        self.required = required
+        self.name = ("__Host-" if secure else "") + BASE_NAME
+
+    def issue(self) -> tuple[str, str]:
+        """A fresh nonce and the Set-Cookie value that binds it to this browser."""
+        nonce = secrets.token_urlsafe(24)
+        return nonce, self._format(self._signer.sign(nonce).decode(), NONCE_TTL_S)
+
+    def expire(self) -> str:
+        """A Set-Cookie value that deletes the nonce cookie."""
+        return self._format("", 0)
+
+    def check(self, token_nonce: str, cookie_headers: Iterable[str]) -> bool:
+        """Whether the token's nonce matches this client's nonce cookie.
+
+        Returns True when a nonce was checked and matched, False when there was
+        nothing to check and nonces are optional.
+
+        Raises:
+            Unauthenticated: A nonce is required or present, and it does not match.
+        """
+        expected = self._cookie_nonce(cookie_headers)
+        if expected is None:
+            if self.required:
+                raise Unauthenticated(
+                    "sign-in needs a nonce: call CreateSignInNonce first and pass its nonce to "
+                    "Google Identity Services (the nonce cookie is missing or expired)",
+                    reason="nonce_missing",
+                )
+            return False
+        if not token_nonce or not hmac.compare_digest(token_nonce, expected):
+            raise Unauthenticated(
+                "the ID token's nonce does not match this sign-in; start again with "
+                "CreateSignInNonce",
+                reason="nonce_mismatch",
+            )
+        return True
+
+    def _cookie_nonce(self, cookie_headers: Iterable[str]) -> str | None:
+        for value in cookie_values(cookie_headers, self.name):
+            try:
+                return self._signer.unsign(value, max_age=NONCE_TTL_S).decode()
+            except (SignatureExpired, BadSignature, UnicodeError):
+                continue
+        return None
+
+    def _format(self, value: str, max_age: int) -> str:
+        return format_cookie(self.name, value, max_age=max_age, secure=self._secure)
