@@ -49,6 +49,26 @@ def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedP
             ["DEV_IDENTITY_ENABLED"],
         ),
         (
+            {
+                "GOOGLE_CLIENT_ID": "c",
+                "SESSION_SECRET_KEY": STRONG,
+                "SESSION_SECURE_COOKIE": "true",
+                "CORS_ALLOWED_ORIGIN": "https://app.example.com,*",
+                "SIGNIN_NONCE_REQUIRED": "false",
+            },
+            [
+                "CORS_ALLOWED_ORIGIN: each origin must be exact",
+                "got '*'",
+                "SIGNIN_NONCE_REQUIRED: must stay on in production",
+                "TLS_CERT_FILE: production needs HTTPS",
+                "BEHIND_TLS_PROXY=true",
+            ],
+        ),
+        (
+            {"CORS_ALLOWED_ORIGIN": "null", "TLS_CERT_FILE": "/nonexistent.pem"},
+            ["CORS_ALLOWED_ORIGIN", "got 'null'", "TLS_CERT_FILE, TLS_KEY_FILE: give both"],
+        ),
+        (
             {"SESSION_IDLE_TIMEOUT_SECONDS": "soon", "SESSION_SECURE_COOKIE": "perhaps"},
             ["SESSION_IDLE_TIMEOUT_SECONDS", "SESSION_SECURE_COOKIE", "GOOGLE_CLIENT_ID"],
         ),

@@ -23,16 +23,30 @@ def cookie_from(set_cookie: str) -> tuple[str, str]:
 
 
 class Session:
-    """Generated clients plus a one-cookie jar."""
+    """Generated clients plus a cookie jar, as a browser would keep it."""
 
     def __init__(self, url: str, *, user_agent: str = "expense-auth-tests/1.0") -> None:
         self.url = url
         self.auth = AuthServiceClientSync(url)
         self.users = UserServiceClientSync(url)
-        self.cookie: str | None = None
+        self.jar: dict[str, str] = {}
         self.user_agent = user_agent
         self.last_set_cookies: list[str] = []
         self.last_headers: dict[str, str] = {}
+
+    @property
+    def cookie(self) -> str | None:
+        """The Cookie header the jar sends, or None when empty."""
+        return "; ".join(f"{k}={v}" for k, v in self.jar.items()) or None
+
+    @cookie.setter
+    def cookie(self, value: str | None) -> None:
+        """Replace the jar with the cookies of a Cookie header."""
+        self.jar = {}
+        for pair in (value or "").split(";"):
+            name, sep, val = pair.strip().partition("=")
+            if sep:
+                self.jar[name] = val
 
     @property
     def headers(self) -> dict[str, str]:
@@ -67,7 +81,10 @@ class Session:
         self.last_headers = {k: headers[k] for k in headers}
         for set_cookie in self.last_set_cookies:
             name, value = cookie_from(set_cookie)
-            self.cookie = f"{name}={value}" if value and "Max-Age=0" not in set_cookie else None
+            if value and "Max-Age=0" not in set_cookie:
+                self.jar[name] = value
+            else:
+                self.jar.pop(name, None)
 
     def close(self) -> None:
         """Close the HTTP clients."""
