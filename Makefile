@@ -25,6 +25,8 @@ $(PY_STAMP): pyproject.toml
 
 $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
+	@# The browser tests drive Debian's Chromium (Playwright cannot download one here).
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	touch $@
 
 check: lint typecheck proto-check

@@ -31,6 +31,8 @@ from interceptors.logging import RequestLogger
 from interceptors.rate_limit import NetworkRateLimit, PrincipalRateLimit
 from interceptors.session import SessionInterceptor
 from server.config import Config
+from server.domain.accounts import Accounts
+from server.domain.audit import Audit
 from server.domain.clock import Clock, SystemClock
 from server.domain.sessions import SessionPolicy, Sessions
 from server.domain.throttle import POLICIES, Throttle
@@ -174,6 +176,7 @@ def create_app(
         Deadline(config.request_timeout_seconds),
     )
 
+    audit_log = Audit(store, clock=clock)
     auth = AuthService(
         sessions=sessions,
         verifier=verifier,
@@ -181,10 +184,19 @@ def create_app(
         nonces=SignInNonces(
             keys, secure=config.session_secure_cookie, required=config.nonce_required
         ),
-        page_tokens=PageTokens(keys),
+        page_tokens=PageTokens(keys, name="ListSessions"),
         throttle=throttle,
+        audit_log=audit_log,
     )
-    user = UserService(users=Users(store, clock=clock))
+    user = UserService(
+        users=Users(store, clock=clock),
+        accounts=Accounts(store, clock=clock, audit_log=audit_log),
+        verifier=verifier,
+        cookies=cookies,
+        page_tokens=PageTokens(keys, name="ListSecurityEvents"),
+        throttle=throttle,
+        clock=clock,
+    )
     services = [auth_pb.desc(), user_pb.desc(), health_pb.desc()]
     health_service = HealthService(
         health,

@@ -85,6 +85,11 @@ class Config(BaseModel):
     rate_limit_per_session: str = "300/minute"
     rate_limit_per_user: str = "600/minute"
     rate_limit_global: str = "2000/second"
+    rate_limit_export_per_user: str = "5/hour"
+    retention_session_days: int = Field(default=30, ge=1)
+    retention_audit_days: int = Field(default=365, ge=1)
+    retention_full_ip_days: int = Field(default=30, ge=1)
+    retention_interval_seconds: int = Field(default=3600, ge=60)
 
     @field_validator("google_client_id", "cors_allowed_origin", "trusted_proxies", mode="before")
     @classmethod
@@ -115,6 +120,7 @@ class Config(BaseModel):
         "rate_limit_per_session",
         "rate_limit_per_user",
         "rate_limit_global",
+        "rate_limit_export_per_user",
     )
     @classmethod
     def _limits(cls, value: str) -> str:

@@ -45,6 +45,7 @@ GENEROUS_LIMITS = {
         "unauthenticated_per_ip",
         "per_session",
         "per_user",
+        "export_per_user",
     )
 }
 

@@ -5,7 +5,13 @@ Times are integer milliseconds since the Unix epoch (UTC), as the clock gives th
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+
+
+def subject_hash(issuer: str, subject: str) -> str:
+    """SHA-256 of an account's issuer and subject: identifies it without naming it."""
+    return hashlib.sha256(f"{issuer}\n{subject}".encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +33,12 @@ class Identity:
     nonce: str = ""
     token_hash: bytes = b""
     token_expire_ms: int = 0
+    issued_ms: int = 0
+
+    @property
+    def subject_hash(self) -> str:
+        """An anonymous, stable reference to the account (for tombstones)."""
+        return subject_hash(self.issuer, self.subject)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +57,7 @@ class User:
     locale: str
     create_ms: int
     update_ms: int
+    disabled_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +94,34 @@ class SessionCursor:
 
     create_ms: int
     session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One entry of the append-only audit log.
+
+    Attributes:
+        kind: What happened, e.g. `sign_in`, `sign_in_failed`, `account_deleted`.
+        user_id: The user concerned; None for events about no known user.
+        reason: A machine-readable detail (a failure reason, a revoked session id...).
+        subject_hash: For tombstones: SHA-256 of issuer and subject, nothing else.
+    """
+
+    time_ms: int
+    kind: str
+    user_id: str | None = None
+    reason: str = ""
+    session_id: str = ""
+    ip: str = ""
+    user_agent: str = ""
+    subject_hash: str = ""
+    id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UserExport:
+    """Everything stored about one user."""
+
+    user: User
+    sessions: list[Session]
+    events: list[AuditEvent]

@@ -103,6 +103,10 @@ class Sessions:
         )
         return NewSession(user=user, session=session, secret=secret)
 
+    async def user_for(self, identity: Identity) -> User | None:
+        """The existing user for a verified identity, if any."""
+        return await self._store.find_user_by_subject(identity.issuer, identity.subject)
+
     async def authenticate(self, secret: str) -> Principal:
         """The principal for a (verified) cookie secret, refreshing its last-seen time.
 
@@ -116,6 +120,8 @@ class Sessions:
         now = self._clock.now_ms()
         if session.revoke_ms is not None:
             raise Unauthenticated("the session was signed out; sign in again", reason="revoked")
+        if principal.user.disabled_ms is not None:
+            raise Unauthenticated("this account has been disabled", reason="disabled")
         if now >= session.expire_ms:
             raise Unauthenticated("the session has expired; sign in again", reason="max_age")
         if now >= session.last_seen_ms + self._policy.idle_ms:

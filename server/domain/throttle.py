@@ -27,6 +27,7 @@ FAILED_SIGNIN_PER_IP = "failed_signin_per_ip"
 UNAUTHENTICATED_PER_IP = "unauthenticated_per_ip"
 PER_SESSION = "per_session"
 PER_USER = "per_user"
+EXPORT_PER_USER = "export_per_user"
 POLICIES = (
     GLOBAL,
     SIGNIN_PER_IP,
@@ -35,6 +36,7 @@ POLICIES = (
     UNAUTHENTICATED_PER_IP,
     PER_SESSION,
     PER_USER,
+    EXPORT_PER_USER,
 )
 
 

@@ -117,6 +117,7 @@ class IdTokenVerifier:
                 "and sign in again"
             )
         expires = claims.get("exp")
+        issued = claims.get("iat")
         return Identity(
             issuer=CANONICAL_GOOGLE_ISSUER if issuer in GOOGLE_ISSUERS else issuer,
             subject=subject,
@@ -128,6 +129,7 @@ class IdTokenVerifier:
             nonce=_text(claims.get("nonce"), 256),
             token_hash=hashlib.sha256(token.encode()).digest(),
             token_expire_ms=(int(expires) + self._skew) * 1000 if isinstance(expires, int) else 0,
+            issued_ms=int(issued) * 1000 if isinstance(issued, int) else 0,
         )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from connectrpc.request import RequestContext
 
@@ -24,17 +24,35 @@ from gen.expense.auth.v1.auth_pb import (
     SignOutRequest,
     SignOutResponse,
 )
+from interceptors.client_ip import client_ip
 from interceptors.session import current_principal
+from server.domain.audit import (
+    SESSION_REVOKED,
+    SIGN_IN,
+    SIGN_IN_FAILED,
+    SIGN_OUT,
+    Audit,
+    Origin,
+)
+from server.domain.errors import DomainError, RateLimited, Unauthenticated
 from server.domain.models import Identity
 from server.domain.sessions import Sessions
 from server.domain.throttle import SIGNIN_PER_SUBJECT, Throttle
 from server.rpc import convert
 from server.rpc.cookies import SessionCookies
 from server.rpc.nonces import NONCE_TTL_S, SignInNonces
-from server.rpc.page_tokens import PageTokens
+from server.rpc.page_tokens import PageTokens, session_cursor
 from server.rpc.user_agent import summarize
 
-CLEAR_SITE_DATA = '"cache", "cookies"'
+# Not "cookies": browsers apply that to the whole registrable domain, which would
+# also wipe the frontend's and sibling apps' cookies. The session cookie itself is
+# expired by Set-Cookie.
+CLEAR_SITE_DATA = '"cache", "storage"'
+
+
+def origin_of(ctx: RequestContext[Any, Any]) -> Origin:
+    """The caller's IP and a summary of its User-Agent, for the audit log."""
+    return Origin(ip=client_ip(), user_agent=summarize(ctx.request_headers.get("user-agent", "")))
 
 
 class IdentityVerifier(Protocol):
@@ -57,6 +75,7 @@ class AuthService(auth_connect.AuthService):
         nonces: SignInNonces,
         page_tokens: PageTokens,
         throttle: Throttle,
+        audit_log: Audit,
     ) -> None:
         self._sessions = sessions
         self._verifier = verifier
@@ -64,6 +83,7 @@ class AuthService(auth_connect.AuthService):
         self._nonces = nonces
         self._page_tokens = page_tokens
         self._throttle = throttle
+        self._audit = audit_log
 
     async def create_sign_in_nonce(
         self,
@@ -80,15 +100,26 @@ class AuthService(auth_connect.AuthService):
         self, request: SignInRequest, ctx: RequestContext[SignInRequest, SignInResponse]
     ) -> SignInResponse:
         """Verify the token and start a new session (never reuse the caller's)."""
-        identity = await self._verifier.verify(request.google_id_token)
-        used_nonce = self._nonces.check(identity.nonce, ctx.request_headers.getall("cookie"))
-        await self._throttle.hit(
-            SIGNIN_PER_SUBJECT,
-            f"{identity.issuer}|{identity.subject}",
-            what="too many sign-ins for this account",
-        )
-        created = await self._sessions.sign_in(
-            identity, user_agent=summarize(ctx.request_headers.get("user-agent", ""))
+        origin = origin_of(ctx)
+        try:
+            identity = await self._verifier.verify(request.google_id_token)
+        except Unauthenticated as exc:
+            # No account is known yet: an event for operators, shown to no user.
+            await self._audit.record(SIGN_IN_FAILED, user_id=None, origin=origin, reason=exc.reason)
+            raise
+        try:
+            used_nonce = self._nonces.check(identity.nonce, ctx.request_headers.getall("cookie"))
+            await self._throttle.hit(
+                SIGNIN_PER_SUBJECT,
+                identity.subject_hash,
+                what="too many sign-ins for this account",
+            )
+            created = await self._sessions.sign_in(identity, user_agent=origin.user_agent)
+        except DomainError as exc:
+            await self._sign_in_refused(identity, origin, exc)
+            raise
+        await self._audit.record(
+            SIGN_IN, user_id=created.user.id, origin=origin, session_id=created.session.id
         )
         ctx.response_headers.add("set-cookie", self._cookies.issue(created.secret))
         if used_nonce:
@@ -98,6 +129,18 @@ class AuthService(auth_connect.AuthService):
             session=convert.session(
                 created.session, policy=self._sessions.policy, current_id=created.session.id
             ),
+        )
+
+    async def _sign_in_refused(self, identity: Identity, origin: Origin, exc: DomainError) -> None:
+        """Record a refused sign-in in the history of the account it was for, if any."""
+        user = await self._sessions.user_for(identity)
+        if isinstance(exc, RateLimited):
+            if user is not None:
+                await self._audit.rate_limited(user_id=user.id, origin=origin, reason="sign_in")
+            return
+        reason = getattr(exc, "reason", type(exc).__name__.lower())
+        await self._audit.record(
+            SIGN_IN_FAILED, user_id=None if user is None else user.id, origin=origin, reason=reason
         )
 
     async def get_session(
@@ -118,7 +161,14 @@ class AuthService(auth_connect.AuthService):
         self, request: SignOutRequest, ctx: RequestContext[SignOutRequest, SignOutResponse]
     ) -> SignOutResponse:
         """Revoke the current session and expire the cookie."""
-        await self._sessions.sign_out(current_principal())
+        principal = current_principal()
+        await self._sessions.sign_out(principal)
+        await self._audit.record(
+            SIGN_OUT,
+            user_id=principal.user.id,
+            origin=origin_of(ctx),
+            session_id=principal.session.id,
+        )
         ctx.response_headers.add("set-cookie", self._cookies.expire())
         # Also tells the browser to drop what it cached or stored for this site.
         ctx.response_headers["clear-site-data"] = CLEAR_SITE_DATA
@@ -131,7 +181,7 @@ class AuthService(auth_connect.AuthService):
     ) -> ListSessionsResponse:
         """One page of the caller's live sessions."""
         principal = current_principal()
-        after = self._page_tokens.decode(principal.user.id, request.page_token)
+        after = session_cursor(self._page_tokens, principal.user.id, request.page_token)
         page, next_cursor = await self._sessions.list_live(
             principal, page_size=request.page_size, after=after
         )
@@ -140,7 +190,10 @@ class AuthService(auth_connect.AuthService):
             sessions=[
                 convert.session(s, policy=policy, current_id=principal.session.id) for s in page
             ],
-            next_page_token=self._page_tokens.encode(principal.user.id, next_cursor),
+            next_page_token=self._page_tokens.encode(
+                principal.user.id,
+                None if next_cursor is None else [next_cursor.create_ms, next_cursor.session_id],
+            ),
         )
 
     async def revoke_session(
@@ -151,6 +204,13 @@ class AuthService(auth_connect.AuthService):
         """Revoke one of the caller's sessions (possibly the current one)."""
         principal = current_principal()
         await self._sessions.revoke(principal, request.session_id)
+        await self._audit.record(
+            SESSION_REVOKED,
+            user_id=principal.user.id,
+            origin=origin_of(ctx),
+            session_id=request.session_id,
+            reason=f"by:{principal.session.id}",
+        )
         if request.session_id == principal.session.id:
             ctx.response_headers.add("set-cookie", self._cookies.expire())
         return RevokeSessionResponse()
@@ -161,5 +221,14 @@ class AuthService(auth_connect.AuthService):
         ctx: RequestContext[RevokeOtherSessionsRequest, RevokeOtherSessionsResponse],
     ) -> RevokeOtherSessionsResponse:
         """Sign out everywhere else."""
-        count = await self._sessions.revoke_others(current_principal())
+        principal = current_principal()
+        count = await self._sessions.revoke_others(principal)
+        if count:
+            await self._audit.record(
+                SESSION_REVOKED,
+                user_id=principal.user.id,
+                origin=origin_of(ctx),
+                reason=f"others:{count}",
+                session_id=principal.session.id,
+            )
         return RevokeOtherSessionsResponse(revoked_count=count)

@@ -1,12 +1,14 @@
-"""Opaque page tokens (AIP-158): a signed cursor bound to the user who asked.
+"""Opaque page tokens (AIP-158): a signed cursor bound to its list and to its caller.
 
 Clients must treat them as opaque; signing makes a forged or edited token fail
-with a clear `invalid_argument` instead of paging somewhere unexpected.
+with a clear `invalid_argument` instead of paging somewhere unexpected, and the
+owner inside it stops one caller from using another's token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from itsdangerous import BadData, URLSafeSerializer
 
@@ -17,32 +19,42 @@ MAX_TOKEN = 512
 
 
 class PageTokens:
-    """Encodes and decodes session list cursors."""
+    """Encodes and decodes the cursors of one list (`name`, e.g. `ListSessions`)."""
 
-    def __init__(self, keys_oldest_first: Sequence[str]) -> None:
-        self._serializer = URLSafeSerializer(list(keys_oldest_first), salt="list-sessions-page")
+    def __init__(self, keys_oldest_first: Sequence[str], *, name: str) -> None:
+        self._name = name
+        self._serializer = URLSafeSerializer(list(keys_oldest_first), salt=f"page:{name}")
 
-    def encode(self, user_id: str, cursor: SessionCursor | None) -> str:
+    def encode(self, owner: str, cursor: list[Any] | None) -> str:
         """The token for the page after `cursor`, or empty at the end."""
         if cursor is None:
             return ""
-        return self._serializer.dumps([user_id, cursor.create_ms, cursor.session_id])
+        return self._serializer.dumps([owner, *cursor])
 
-    def decode(self, user_id: str, token: str) -> SessionCursor | None:
-        """The cursor in `token` (None for the first page)."""
+    def decode(self, owner: str, token: str, *, shape: tuple[type, ...]) -> list[Any] | None:
+        """The cursor in `token` (None for the first page); its items must match `shape`."""
         if not token:
             return None
         problem = InvalidArgument(
             "page_token",
-            "page_token is not valid; pass the next_page_token of a previous "
-            "ListSessions response, or nothing for the first page",
+            f"page_token is not valid; pass the next_page_token of a previous {self._name} "
+            "response, or nothing for the first page",
         )
         if len(token) > MAX_TOKEN:
             raise problem
         try:
-            owner, create_ms, session_id = self._serializer.loads(token)
+            loaded = self._serializer.loads(token)
         except (BadData, ValueError, TypeError):
             raise problem from None
-        if owner != user_id or not isinstance(create_ms, int) or not isinstance(session_id, str):
+        if not isinstance(loaded, list) or len(loaded) != len(shape) + 1 or loaded[0] != owner:
             raise problem
-        return SessionCursor(create_ms=create_ms, session_id=session_id)
+        cursor = loaded[1:]
+        if not all(type(item) is kind for item, kind in zip(cursor, shape, strict=True)):
+            raise problem
+        return cursor
+
+
+def session_cursor(tokens: PageTokens, owner: str, token: str) -> SessionCursor | None:
+    """Decode a ListSessions token."""
+    cursor = tokens.decode(owner, token, shape=(int, str))
+    return None if cursor is None else SessionCursor(create_ms=cursor[0], session_id=cursor[1])

@@ -1,4 +1,4 @@
-"""expense.user.v1.UserService: the caller's profile and preferences."""
+"""expense.user.v1.UserService: the caller's profile, preferences, data and history."""
 
 from __future__ import annotations
 
@@ -6,23 +6,51 @@ from connectrpc.request import RequestContext
 
 from gen.expense.user.v1 import user_connect
 from gen.expense.user.v1.user_pb import (
+    DeleteCurrentUserRequest,
+    DeleteCurrentUserResponse,
+    ExportCurrentUserDataRequest,
+    ExportCurrentUserDataResponse,
     GetCurrentUserRequest,
     GetCurrentUserResponse,
+    ListSecurityEventsRequest,
+    ListSecurityEventsResponse,
     UpdateCurrentUserRequest,
     UpdateCurrentUserResponse,
 )
 from interceptors.session import current_principal
+from server.domain.accounts import Accounts
+from server.domain.clock import Clock
 from server.domain.errors import InvalidArgument
 from server.domain.preferences import EDITABLE_FIELDS
+from server.domain.throttle import EXPORT_PER_USER, Throttle
 from server.domain.users import Users
 from server.rpc import convert
+from server.rpc.auth import CLEAR_SITE_DATA, IdentityVerifier, origin_of
+from server.rpc.cookies import SessionCookies
+from server.rpc.page_tokens import PageTokens
 
 
 class UserService(user_connect.UserService):
     """Implements the generated `UserService` protocol."""
 
-    def __init__(self, *, users: Users) -> None:
+    def __init__(
+        self,
+        *,
+        users: Users,
+        accounts: Accounts,
+        verifier: IdentityVerifier,
+        cookies: SessionCookies,
+        page_tokens: PageTokens,
+        throttle: Throttle,
+        clock: Clock,
+    ) -> None:
         self._users = users
+        self._accounts = accounts
+        self._verifier = verifier
+        self._cookies = cookies
+        self._page_tokens = page_tokens
+        self._throttle = throttle
+        self._clock = clock
 
     async def get_current_user(
         self,
@@ -53,3 +81,46 @@ class UserService(user_connect.UserService):
             changes[path] = getattr(request.user, path)
         updated = await self._users.update(current_principal(), changes)
         return UpdateCurrentUserResponse(user=convert.user(updated))
+
+    async def delete_current_user(
+        self,
+        request: DeleteCurrentUserRequest,
+        ctx: RequestContext[DeleteCurrentUserRequest, DeleteCurrentUserResponse],
+    ) -> DeleteCurrentUserResponse:
+        """Delete the caller after a fresh re-authentication."""
+        identity = await self._verifier.verify(request.google_id_token)
+        await self._accounts.delete(current_principal(), identity)
+        ctx.response_headers.add("set-cookie", self._cookies.expire())
+        ctx.response_headers["clear-site-data"] = CLEAR_SITE_DATA
+        return DeleteCurrentUserResponse()
+
+    async def export_current_user_data(
+        self,
+        request: ExportCurrentUserDataRequest,
+        ctx: RequestContext[ExportCurrentUserDataRequest, ExportCurrentUserDataResponse],
+    ) -> ExportCurrentUserDataResponse:
+        """Everything stored about the caller."""
+        principal = current_principal()
+        await self._throttle.hit(EXPORT_PER_USER, principal.user.id, what="too many data exports")
+        exported = await self._accounts.export(principal, origin_of(ctx))
+        return convert.export(exported, now_ms=self._clock.now_ms())
+
+    async def list_security_events(
+        self,
+        request: ListSecurityEventsRequest,
+        ctx: RequestContext[ListSecurityEventsRequest, ListSecurityEventsResponse],
+    ) -> ListSecurityEventsResponse:
+        """One page of the caller's security history."""
+        principal = current_principal()
+        cursor = self._page_tokens.decode(principal.user.id, request.page_token, shape=(int,))
+        events, next_id = await self._accounts.events(
+            principal,
+            page_size=request.page_size,
+            before_id=None if cursor is None else cursor[0],
+        )
+        return ListSecurityEventsResponse(
+            security_events=[convert.security_event(e) for e in events],
+            next_page_token=self._page_tokens.encode(
+                principal.user.id, None if next_id is None else [next_id]
+            ),
+        )

@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from server.domain.models import Identity, Principal, Session, SessionCursor, User
+from server.domain.models import (
+    AuditEvent,
+    Identity,
+    Principal,
+    Session,
+    SessionCursor,
+    User,
+    UserExport,
+)
 
 
 class UserDefaults(Protocol):
@@ -92,6 +100,51 @@ class Store(Protocol):
     ) -> list[Session]:
         """The user's sessions that are not revoked, not past `expire_ms` and last seen
         after `idle_cutoff_ms`, newest first, starting after `after`."""
+        ...
+
+    async def record_event(self, event: AuditEvent) -> None:
+        """Append one audit event."""
+        ...
+
+    async def list_events(
+        self, user_id: str, *, before_id: int | None, limit: int
+    ) -> list[AuditEvent]:
+        """The user's events, newest first, starting below `before_id`."""
+        ...
+
+    async def export_user(self, user_id: str) -> UserExport | None:
+        """Everything stored about the user, consistently."""
+        ...
+
+    async def find_user_by_subject(self, issuer: str, subject: str) -> User | None:
+        """The user signing in as (issuer, subject)."""
+        ...
+
+    async def delete_user(
+        self, user: User, *, identity: Identity, tombstone: AuditEvent, now_ms: int
+    ) -> bool:
+        """Delete the user with sessions and events, claiming the re-authentication token,
+        and record the tombstone and the deletion, atomically."""
+        ...
+
+    async def set_disabled(self, user_id: str, *, disabled: bool, now_ms: int) -> User | None:
+        """Disable (and revoke every session) or enable the user."""
+        ...
+
+    async def revoke_all_sessions(self, user_id: str, *, now_ms: int) -> int:
+        """Revoke every session of the user."""
+        ...
+
+    async def list_users(
+        self, *, email_contains: str, after_id: str | None, limit: int
+    ) -> list[User]:
+        """Users by id, filtered by an email substring."""
+        ...
+
+    async def purge(
+        self, *, now_ms: int, session_grace_ms: int, events_before_ms: int, ips_before_ms: int
+    ) -> dict[str, int]:
+        """Apply the retention windows; returns counts per kind of row."""
         ...
 
     def close(self) -> None:

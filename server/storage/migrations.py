@@ -58,3 +58,36 @@ def m002_used_id_tokens(db: Database) -> None:
         """
     )
     db.execute("CREATE INDEX used_id_tokens_by_expiry ON used_id_tokens (expire_ms)")
+
+
+@migrations()
+def m003_audit_and_deletions(db: Database) -> None:
+    """The append-only audit log, the deletion log, and disabled accounts."""
+    db.execute(
+        """
+        CREATE TABLE audit_events (
+            id INTEGER PRIMARY KEY,
+            time_ms INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            user_id TEXT,
+            reason TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            ip TEXT NOT NULL,
+            user_agent TEXT NOT NULL,
+            subject_hash TEXT NOT NULL
+        ) STRICT
+        """
+    )
+    db.execute("CREATE INDEX audit_events_by_user ON audit_events (user_id, id DESC)")
+    db.execute("CREATE INDEX audit_events_by_time ON audit_events (time_ms)")
+    # Survives restores: `expense-auth restore` re-applies it, so that a backup
+    # taken before a deletion cannot bring the account back.
+    db.execute(
+        """
+        CREATE TABLE deleted_accounts (
+            subject_hash TEXT PRIMARY KEY,
+            deleted_ms INTEGER NOT NULL
+        ) STRICT
+        """
+    )
+    db.execute("ALTER TABLE users ADD COLUMN disabled_ms INTEGER")

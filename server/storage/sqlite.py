@@ -10,6 +10,7 @@ statement or transaction on a local file, cheaper than a hop to a thread pool.
 
 from __future__ import annotations
 
+import ipaddress
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
@@ -19,23 +20,43 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from server.domain.errors import InvalidIdToken
-from server.domain.models import Identity, Principal, Session, SessionCursor, User
+from server.domain.errors import InvalidIdToken, PermissionDenied
+from server.domain.models import (
+    AuditEvent,
+    Identity,
+    Principal,
+    Session,
+    SessionCursor,
+    User,
+    UserExport,
+)
 from server.storage.base import UserDefaults
 from server.storage.migrations import migrations
 
 BUSY_TIMEOUT_MS = 5_000
 
-_USER_COLUMNS = (
+_USER_INSERT_COLUMNS = (
     "id, issuer, subject, email, email_verified, display_name, picture_uri, "
     "currency_code, time_zone, locale, create_ms, update_ms"
 )
+_USER_COLUMNS = _USER_INSERT_COLUMNS + ", disabled_ms"
+_EVENT_COLUMNS = "id, time_ms, kind, user_id, reason, session_id, ip, user_agent, subject_hash"
 _SESSION_COLUMNS = (
     "id, user_id, token_hash, create_ms, last_seen_ms, expire_ms, revoke_ms, user_agent"
 )
 # A live session: parameters (now_ms, idle_cutoff_ms). One definition for every query.
 _LIVE = "revoke_ms IS NULL AND expire_ms > ? AND last_seen_ms > ?"
 _UPDATABLE = frozenset({"display_name", "currency_code", "time_zone", "locale"})
+
+
+def shorten_ip(ip: str) -> str:
+    """The /24 (IPv4) or /48 (IPv6) network of an address: coarse enough to be anonymous."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ""
+    prefix = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
 class SchemaTooNew(Exception):
@@ -56,6 +77,21 @@ def _user(row: tuple[Any, ...]) -> User:
         locale=row[9],
         create_ms=row[10],
         update_ms=row[11],
+        disabled_ms=row[12],
+    )
+
+
+def _event(row: tuple[Any, ...]) -> AuditEvent:
+    return AuditEvent(
+        id=row[0],
+        time_ms=row[1],
+        kind=row[2],
+        user_id=row[3],
+        reason=row[4],
+        session_id=row[5],
+        ip=row[6],
+        user_agent=row[7],
+        subject_hash=row[8],
     )
 
 
@@ -157,21 +193,10 @@ class SQLiteStore:
             InvalidIdToken: The identity's token was used before (a replay).
         """
         with self._write() as conn:
-            if identity.token_hash:
-                conn.execute("DELETE FROM used_id_tokens WHERE expire_ms < ?", (now_ms,))
-                claimed = conn.execute(
-                    "INSERT INTO used_id_tokens (token_hash, expire_ms) VALUES (?, ?) "
-                    "ON CONFLICT DO NOTHING",
-                    (identity.token_hash, identity.token_expire_ms),
-                ).rowcount
-                if claimed != 1:
-                    raise InvalidIdToken(
-                        "this ID token was already used to sign in; get a new one from Google",
-                        reason="replayed",
-                    )
+            self._claim_token(conn, identity, now_ms)
             row = conn.execute(
                 f"""
-                INSERT INTO users ({_USER_COLUMNS})
+                INSERT INTO users ({_USER_INSERT_COLUMNS})
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (issuer, subject) DO UPDATE SET
                     update_ms = CASE
@@ -200,6 +225,10 @@ class SQLiteStore:
                 ),
             ).fetchone()
             user = _user(row)
+            if user.disabled_ms is not None:
+                raise PermissionDenied(
+                    "this account has been disabled; contact support to have it enabled"
+                )
             stored = Session(
                 id=session.id,
                 user_id=user.id,
@@ -256,7 +285,7 @@ class SQLiteStore:
                    s.revoke_ms, s.user_agent,
                    u.id, u.issuer, u.subject, u.email, u.email_verified, u.display_name,
                    u.picture_uri, u.currency_code, u.time_zone, u.locale, u.create_ms,
-                   u.update_ms
+                   u.update_ms, u.disabled_ms
             FROM sessions AS s JOIN users AS u ON u.id = s.user_id
             WHERE s.token_hash = ?
             """,
@@ -314,6 +343,182 @@ class SQLiteStore:
         query += " ORDER BY create_ms DESC, id DESC LIMIT ?"
         params.append(limit)
         return [_session(row) for row in self._conn.execute(query, params)]
+
+    async def record_event(self, event: AuditEvent) -> None:
+        """Append one audit event."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO audit_events (time_ms, kind, user_id, reason, session_id, ip, "
+                "user_agent, subject_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    event.time_ms,
+                    event.kind,
+                    event.user_id,
+                    event.reason,
+                    event.session_id,
+                    event.ip,
+                    event.user_agent,
+                    event.subject_hash,
+                ),
+            )
+
+    async def list_events(
+        self, user_id: str, *, before_id: int | None, limit: int
+    ) -> list[AuditEvent]:
+        """The user's events, newest first, keyset-paginated by id."""
+        query = f"SELECT {_EVENT_COLUMNS} FROM audit_events WHERE user_id = ?"
+        params: list[Any] = [user_id]
+        if before_id is not None:
+            query += " AND id < ?"
+            params.append(before_id)
+        query += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        return [_event(row) for row in self._conn.execute(query, params)]
+
+    async def export_user(self, user_id: str) -> UserExport | None:
+        """The user, every session and every event, read in one transaction."""
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            row = conn.execute(
+                f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (user_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            sessions = [
+                _session(r)
+                for r in conn.execute(
+                    f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE user_id = ? "
+                    "ORDER BY create_ms DESC, id DESC",
+                    (user_id,),
+                )
+            ]
+            events = [
+                _event(r)
+                for r in conn.execute(
+                    f"SELECT {_EVENT_COLUMNS} FROM audit_events WHERE user_id = ? ORDER BY id DESC",
+                    (user_id,),
+                )
+            ]
+            return UserExport(user=_user(row), sessions=sessions, events=events)
+        finally:
+            conn.execute("COMMIT")
+
+    async def find_user_by_subject(self, issuer: str, subject: str) -> User | None:
+        """The user signing in as (issuer, subject), or None."""
+        row = self._conn.execute(
+            f"SELECT {_USER_COLUMNS} FROM users WHERE issuer = ? AND subject = ?",
+            (issuer, subject),
+        ).fetchone()
+        return _user(row) if row else None
+
+    async def delete_user(
+        self, user: User, *, identity: Identity, tombstone: AuditEvent, now_ms: int
+    ) -> bool:
+        """Delete the user, their sessions and events; keep a tombstone and a deletion record.
+
+        The re-authentication token is claimed in the same transaction (once only).
+        """
+        with self._write() as conn:
+            self._claim_token(conn, identity, now_ms)
+            deleted = conn.execute("DELETE FROM users WHERE id = ?", (user.id,)).rowcount
+            if deleted != 1:
+                return False
+            conn.execute("DELETE FROM audit_events WHERE user_id = ?", (user.id,))
+            conn.execute(
+                "INSERT INTO deleted_accounts (subject_hash, deleted_ms) VALUES (?, ?) "
+                "ON CONFLICT DO NOTHING",
+                (tombstone.subject_hash, now_ms),
+            )
+            conn.execute(
+                "INSERT INTO audit_events (time_ms, kind, user_id, reason, session_id, ip, "
+                "user_agent, subject_hash) VALUES (?, ?, NULL, ?, '', '', '', ?)",
+                (tombstone.time_ms, tombstone.kind, tombstone.reason, tombstone.subject_hash),
+            )
+        return True
+
+    async def set_disabled(self, user_id: str, *, disabled: bool, now_ms: int) -> User | None:
+        """Disable (revoking every live session at once) or enable a user."""
+        with self._write() as conn:
+            row = conn.execute(
+                f"UPDATE users SET disabled_ms = ?, update_ms = ? WHERE id = ? "
+                f"RETURNING {_USER_COLUMNS}",
+                (now_ms if disabled else None, now_ms, user_id),
+            ).fetchone()
+            if row is not None and disabled:
+                conn.execute(
+                    "UPDATE sessions SET revoke_ms = ? WHERE user_id = ? AND revoke_ms IS NULL",
+                    (now_ms, user_id),
+                )
+        return _user(row) if row else None
+
+    async def revoke_all_sessions(self, user_id: str, *, now_ms: int) -> int:
+        """Revoke every unrevoked session of the user."""
+        with self._write() as conn:
+            return conn.execute(
+                "UPDATE sessions SET revoke_ms = ? WHERE user_id = ? AND revoke_ms IS NULL",
+                (now_ms, user_id),
+            ).rowcount
+
+    async def list_users(
+        self, *, email_contains: str, after_id: str | None, limit: int
+    ) -> list[User]:
+        """Users ordered by id, optionally filtered by a case-insensitive email substring."""
+        query = f"SELECT {_USER_COLUMNS} FROM users WHERE instr(lower(email), ?) > 0"
+        params: list[Any] = [email_contains.lower()]
+        if after_id is not None:
+            query += " AND id > ?"
+            params.append(after_id)
+        query += " ORDER BY id LIMIT ?"
+        params.append(limit)
+        return [_user(row) for row in self._conn.execute(query, params)]
+
+    async def purge(
+        self, *, now_ms: int, session_grace_ms: int, events_before_ms: int, ips_before_ms: int
+    ) -> dict[str, int]:
+        """Delete ended sessions, old events and spent tokens; shorten old IP addresses."""
+        with self._write() as conn:
+            cutoff = now_ms - session_grace_ms
+            sessions = conn.execute(
+                "DELETE FROM sessions WHERE expire_ms < ? OR revoke_ms < ?",
+                (cutoff, cutoff),
+            ).rowcount
+            events = conn.execute(
+                "DELETE FROM audit_events WHERE time_ms < ? AND kind != 'account_deleted'",
+                (events_before_ms,),
+            ).rowcount
+            tokens = conn.execute(
+                "DELETE FROM used_id_tokens WHERE expire_ms < ?", (now_ms,)
+            ).rowcount
+            rows = conn.execute(
+                "SELECT id, ip FROM audit_events WHERE time_ms < ? AND ip != '' "
+                "AND ip NOT LIKE '%/%'",
+                (ips_before_ms,),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE audit_events SET ip = ? WHERE id = ?",
+                [(shorten_ip(ip), event_id) for event_id, ip in rows],
+            )
+        return {"sessions": sessions, "events": events, "tokens": tokens, "ips": len(rows)}
+
+    def deleted_accounts(self) -> list[tuple[str, int]]:
+        """The deletion log: (subject hash, deletion time)."""
+        return list(self._conn.execute("SELECT subject_hash, deleted_ms FROM deleted_accounts"))
+
+    def _claim_token(self, conn: sqlite3.Connection, identity: Identity, now_ms: int) -> None:
+        if not identity.token_hash:
+            return
+        conn.execute("DELETE FROM used_id_tokens WHERE expire_ms < ?", (now_ms,))
+        claimed = conn.execute(
+            "INSERT INTO used_id_tokens (token_hash, expire_ms) VALUES (?, ?) "
+            "ON CONFLICT DO NOTHING",
+            (identity.token_hash, identity.token_expire_ms),
+        ).rowcount
+        if claimed != 1:
+            raise InvalidIdToken(
+                "this ID token was already used to sign in; get a new one from Google",
+                reason="replayed",
+            )
 
     def close(self) -> None:
         """Close every connection this store opened (call once, at shutdown)."""

@@ -149,6 +149,7 @@ def test_a_valid_token_gives_the_identity_with_the_canonical_issuer(
         nonce="n-123",
         token_hash=hashlib.sha256(token.encode()).digest(),
         token_expire_ms=(google.auth.jwt.decode(token, verify=False)["exp"] + SKEW_S) * 1000,
+        issued_ms=google.auth.jwt.decode(token, verify=False)["iat"] * 1000,
     )
 
 

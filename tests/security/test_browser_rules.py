@@ -242,7 +242,7 @@ def test_security_headers_on_grpc_and_grpc_web(edge: RunningServer, protocol: st
 def test_sign_out_clears_site_data(edge: RunningServer, signed_in: Session) -> None:
     response = connect_post(edge.url, SIGN_OUT, {}, headers={"cookie": signed_in.cookie or ""})
     assert response.status == 200
-    assert response.header("clear-site-data") == '"cache", "cookies"'
+    assert response.header("clear-site-data") == '"cache", "storage"'
     assert any("Max-Age=0" in c for c in response.all("set-cookie"))
 
 

@@ -19,7 +19,7 @@ from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DE
 from protobuf import DescService
 
 from . import user_pb
-from .user_pb import GetCurrentUserRequest, GetCurrentUserResponse, UpdateCurrentUserRequest, UpdateCurrentUserResponse
+from .user_pb import DeleteCurrentUserRequest, DeleteCurrentUserResponse, ExportCurrentUserDataRequest, ExportCurrentUserDataResponse, GetCurrentUserRequest, GetCurrentUserResponse, ListSecurityEventsRequest, ListSecurityEventsResponse, UpdateCurrentUserRequest, UpdateCurrentUserResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -45,6 +45,31 @@ class UserService(Protocol):
         """
         UpdateCurrentUser changes the fields of the signed-in user named in
         `update_mask` and returns the updated user.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def delete_current_user(self, request: DeleteCurrentUserRequest, ctx: RequestContext[DeleteCurrentUserRequest, DeleteCurrentUserResponse], /) -> DeleteCurrentUserResponse:
+        """
+        DeleteCurrentUser deletes the signed-in user and all their sessions. It
+        needs a fresh re-authentication: a Google ID token for the same account,
+        issued within the last few minutes. Every session of the user ends at
+        once; the response expires the cookie and clears the site's data. Only an
+        anonymous tombstone (a hash of the account id and the time) is kept.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def export_current_user_data(self, request: ExportCurrentUserDataRequest, ctx: RequestContext[ExportCurrentUserDataRequest, ExportCurrentUserDataResponse], /) -> ExportCurrentUserDataResponse:
+        """
+        ExportCurrentUserData returns everything stored about the signed-in user:
+        profile, preferences, sessions and security events. The JSON codec renders
+        it as a readable document.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_security_events(self, request: ListSecurityEventsRequest, ctx: RequestContext[ListSecurityEventsRequest, ListSecurityEventsResponse], /) -> ListSecurityEventsResponse:
+        """
+        ListSecurityEvents lists the signed-in user's recent security activity,
+        newest first: sign-ins, sign-outs, revocations and refused attempts.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -87,6 +112,39 @@ class UserServiceASGIApplication(ConnectASGIApplication[UserService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.update_current_user,
+                ),
+                "/expense.user.v1.UserService/DeleteCurrentUser": Endpoint.unary(
+                    method=MethodInfo(
+                        name="DeleteCurrentUser",
+                        service_name="expense.user.v1.UserService",
+                        input=DeleteCurrentUserRequest,
+                        output=DeleteCurrentUserResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.delete_current_user,
+                ),
+                "/expense.user.v1.UserService/ExportCurrentUserData": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ExportCurrentUserData",
+                        service_name="expense.user.v1.UserService",
+                        input=ExportCurrentUserDataRequest,
+                        output=ExportCurrentUserDataResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.export_current_user_data,
+                ),
+                "/expense.user.v1.UserService/ListSecurityEvents": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListSecurityEvents",
+                        service_name="expense.user.v1.UserService",
+                        input=ListSecurityEventsRequest,
+                        output=ListSecurityEventsResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_security_events,
                 ),
             },
             interceptors=interceptors,
@@ -155,6 +213,84 @@ class UserServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def delete_current_user(
+        self,
+        request: DeleteCurrentUserRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> DeleteCurrentUserResponse:
+        """
+        DeleteCurrentUser deletes the signed-in user and all their sessions. It
+        needs a fresh re-authentication: a Google ID token for the same account,
+        issued within the last few minutes. Every session of the user ends at
+        once; the response expires the cookie and clears the site's data. Only an
+        anonymous tombstone (a hash of the account id and the time) is kept.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="DeleteCurrentUser",
+                service_name="expense.user.v1.UserService",
+                input=DeleteCurrentUserRequest,
+                output=DeleteCurrentUserResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def export_current_user_data(
+        self,
+        request: ExportCurrentUserDataRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ExportCurrentUserDataResponse:
+        """
+        ExportCurrentUserData returns everything stored about the signed-in user:
+        profile, preferences, sessions and security events. The JSON codec renders
+        it as a readable document.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ExportCurrentUserData",
+                service_name="expense.user.v1.UserService",
+                input=ExportCurrentUserDataRequest,
+                output=ExportCurrentUserDataResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def list_security_events(
+        self,
+        request: ListSecurityEventsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> ListSecurityEventsResponse:
+        """
+        ListSecurityEvents lists the signed-in user's recent security activity,
+        newest first: sign-ins, sign-outs, revocations and refused attempts.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListSecurityEvents",
+                service_name="expense.user.v1.UserService",
+                input=ListSecurityEventsRequest,
+                output=ListSecurityEventsResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
 
 class UserServiceSync(Protocol):
     """
@@ -171,6 +307,31 @@ class UserServiceSync(Protocol):
         """
         UpdateCurrentUser changes the fields of the signed-in user named in
         `update_mask` and returns the updated user.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def delete_current_user(self, request: DeleteCurrentUserRequest, ctx: RequestContext[DeleteCurrentUserRequest, DeleteCurrentUserResponse], /) -> DeleteCurrentUserResponse:
+        """
+        DeleteCurrentUser deletes the signed-in user and all their sessions. It
+        needs a fresh re-authentication: a Google ID token for the same account,
+        issued within the last few minutes. Every session of the user ends at
+        once; the response expires the cookie and clears the site's data. Only an
+        anonymous tombstone (a hash of the account id and the time) is kept.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def export_current_user_data(self, request: ExportCurrentUserDataRequest, ctx: RequestContext[ExportCurrentUserDataRequest, ExportCurrentUserDataResponse], /) -> ExportCurrentUserDataResponse:
+        """
+        ExportCurrentUserData returns everything stored about the signed-in user:
+        profile, preferences, sessions and security events. The JSON codec renders
+        it as a readable document.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_security_events(self, request: ListSecurityEventsRequest, ctx: RequestContext[ListSecurityEventsRequest, ListSecurityEventsResponse], /) -> ListSecurityEventsResponse:
+        """
+        ListSecurityEvents lists the signed-in user's recent security activity,
+        newest first: sign-ins, sign-outs, revocations and refused attempts.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -211,6 +372,39 @@ class UserServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.update_current_user,
+                ),
+                "/expense.user.v1.UserService/DeleteCurrentUser": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="DeleteCurrentUser",
+                        service_name="expense.user.v1.UserService",
+                        input=DeleteCurrentUserRequest,
+                        output=DeleteCurrentUserResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.delete_current_user,
+                ),
+                "/expense.user.v1.UserService/ExportCurrentUserData": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ExportCurrentUserData",
+                        service_name="expense.user.v1.UserService",
+                        input=ExportCurrentUserDataRequest,
+                        output=ExportCurrentUserDataResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.export_current_user_data,
+                ),
+                "/expense.user.v1.UserService/ListSecurityEvents": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListSecurityEvents",
+                        service_name="expense.user.v1.UserService",
+                        input=ListSecurityEventsRequest,
+                        output=ListSecurityEventsResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_security_events,
                 ),
             },
             interceptors=interceptors,
@@ -278,4 +472,82 @@ class UserServiceClientSync(ConnectClientSync):
             ),
             headers=headers,
             timeout_ms=timeout_ms,
+        )
+    def delete_current_user(
+        self,
+        request: DeleteCurrentUserRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> DeleteCurrentUserResponse:
+        """
+        DeleteCurrentUser deletes the signed-in user and all their sessions. It
+        needs a fresh re-authentication: a Google ID token for the same account,
+        issued within the last few minutes. Every session of the user ends at
+        once; the response expires the cookie and clears the site's data. Only an
+        anonymous tombstone (a hash of the account id and the time) is kept.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="DeleteCurrentUser",
+                service_name="expense.user.v1.UserService",
+                input=DeleteCurrentUserRequest,
+                output=DeleteCurrentUserResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def export_current_user_data(
+        self,
+        request: ExportCurrentUserDataRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ExportCurrentUserDataResponse:
+        """
+        ExportCurrentUserData returns everything stored about the signed-in user:
+        profile, preferences, sessions and security events. The JSON codec renders
+        it as a readable document.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ExportCurrentUserData",
+                service_name="expense.user.v1.UserService",
+                input=ExportCurrentUserDataRequest,
+                output=ExportCurrentUserDataResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_security_events(
+        self,
+        request: ListSecurityEventsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> ListSecurityEventsResponse:
+        """
+        ListSecurityEvents lists the signed-in user's recent security activity,
+        newest first: sign-ins, sign-outs, revocations and refused attempts.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListSecurityEvents",
+                service_name="expense.user.v1.UserService",
+                input=ListSecurityEventsRequest,
+                output=ListSecurityEventsResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
         )

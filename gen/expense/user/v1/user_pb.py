@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal, NoReturn, TYPE_CHECKING, TypeAlias
 
-from protobuf import Message
+from protobuf import Enum, Message
 from protobuf._codegen import file_desc
 from protobuf.wkt.google.protobuf import field_mask_pb, timestamp_pb
 
@@ -254,9 +254,487 @@ class UpdateCurrentUserResponse(Message[_UpdateCurrentUserResponseFields]):
 
         user: User | None
 
+_DeleteCurrentUserRequestFields: TypeAlias = Literal["google_id_token"]
+
+class DeleteCurrentUserRequest(Message[_DeleteCurrentUserRequestFields]):
+    """
+    DeleteCurrentUserRequest carries the re-authentication.
+
+    ```proto
+    message expense.user.v1.DeleteCurrentUserRequest
+    ```
+
+    Attributes:
+        google_id_token:
+            A Google ID token for the signed-in account, issued within the last five
+            minutes (sign in with Google again to get one).
+
+            ```proto
+            string google_id_token = 1;
+            ```
+    """
+
+    __slots__ = ("google_id_token",)
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            google_id_token: str = "",
+        ) -> None:
+            pass
+
+        google_id_token: str
+
+_DeleteCurrentUserResponseFields: TypeAlias = NoReturn
+
+class DeleteCurrentUserResponse(Message[_DeleteCurrentUserResponseFields]):
+    """
+    DeleteCurrentUserResponse is empty; the user is gone.
+
+    ```proto
+    message expense.user.v1.DeleteCurrentUserResponse
+    ```
+    """
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+        ) -> None:
+            pass
+
+_ExportCurrentUserDataRequestFields: TypeAlias = NoReturn
+
+class ExportCurrentUserDataRequest(Message[_ExportCurrentUserDataRequestFields]):
+    """
+    ExportCurrentUserDataRequest has no fields: the data is the caller's.
+
+    ```proto
+    message expense.user.v1.ExportCurrentUserDataRequest
+    ```
+    """
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+        ) -> None:
+            pass
+
+_ExportCurrentUserDataResponseFields: TypeAlias = Literal["export_time", "user", "linked_account", "sessions", "security_events"]
+
+class ExportCurrentUserDataResponse(Message[_ExportCurrentUserDataResponseFields]):
+    """
+    ExportCurrentUserDataResponse is everything stored about the user.
+
+    ```proto
+    message expense.user.v1.ExportCurrentUserDataResponse
+    ```
+
+    Attributes:
+        export_time:
+            When the export was made.
+
+            ```proto
+            optional google.protobuf.Timestamp export_time = 1;
+            ```
+        user:
+            The profile and preferences.
+
+            ```proto
+            optional expense.user.v1.User user = 2;
+            ```
+        linked_account:
+            The Google account the user signs in with.
+
+            ```proto
+            optional expense.user.v1.LinkedAccount linked_account = 3;
+            ```
+        sessions:
+            Every stored session, live or ended, newest first.
+
+            ```proto
+            repeated expense.user.v1.SessionRecord sessions = 4;
+            ```
+        security_events:
+            Every stored security event, newest first.
+
+            ```proto
+            repeated expense.user.v1.SecurityEvent security_events = 5;
+            ```
+    """
+
+    __slots__ = ("export_time", "user", "linked_account", "sessions", "security_events")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            export_time: Timestamp | None = None,
+            user: User | None = None,
+            linked_account: LinkedAccount | None = None,
+            sessions: list[SessionRecord] | None = None,
+            security_events: list[SecurityEvent] | None = None,
+        ) -> None:
+            pass
+
+        export_time: Timestamp | None
+        user: User | None
+        linked_account: LinkedAccount | None
+        sessions: list[SessionRecord]
+        security_events: list[SecurityEvent]
+
+_LinkedAccountFields: TypeAlias = Literal["issuer", "subject"]
+
+class LinkedAccount(Message[_LinkedAccountFields]):
+    """
+    LinkedAccount is the identity-provider account behind a user.
+
+    ```proto
+    message expense.user.v1.LinkedAccount
+    ```
+
+    Attributes:
+        issuer:
+            The token issuer, such as `https://accounts.google.com`.
+
+            ```proto
+            string issuer = 1;
+            ```
+        subject:
+            The account's subject identifier at the issuer.
+
+            ```proto
+            string subject = 2;
+            ```
+    """
+
+    __slots__ = ("issuer", "subject")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            issuer: str = "",
+            subject: str = "",
+        ) -> None:
+            pass
+
+        issuer: str
+        subject: str
+
+_SessionRecordFields: TypeAlias = Literal["id", "create_time", "last_seen_time", "max_expire_time", "revoke_time", "user_agent"]
+
+class SessionRecord(Message[_SessionRecordFields]):
+    """
+    SessionRecord is a stored session, as kept in the database.
+
+    ```proto
+    message expense.user.v1.SessionRecord
+    ```
+
+    Attributes:
+        id:
+            The public identifier of the session.
+
+            ```proto
+            string id = 1;
+            ```
+        create_time:
+            When the session was created.
+
+            ```proto
+            optional google.protobuf.Timestamp create_time = 2;
+            ```
+        last_seen_time:
+            When it was last used, to within a minute.
+
+            ```proto
+            optional google.protobuf.Timestamp last_seen_time = 3;
+            ```
+        max_expire_time:
+            Its absolute end.
+
+            ```proto
+            optional google.protobuf.Timestamp max_expire_time = 4;
+            ```
+        revoke_time:
+            When it was revoked, if it was.
+
+            ```proto
+            optional google.protobuf.Timestamp revoke_time = 5;
+            ```
+        user_agent:
+            The client that created it, such as `Chrome on macOS`.
+
+            ```proto
+            string user_agent = 6;
+            ```
+    """
+
+    __slots__ = ("id", "create_time", "last_seen_time", "max_expire_time", "revoke_time", "user_agent")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            id: str = "",
+            create_time: Timestamp | None = None,
+            last_seen_time: Timestamp | None = None,
+            max_expire_time: Timestamp | None = None,
+            revoke_time: Timestamp | None = None,
+            user_agent: str = "",
+        ) -> None:
+            pass
+
+        id: str
+        create_time: Timestamp | None
+        last_seen_time: Timestamp | None
+        max_expire_time: Timestamp | None
+        revoke_time: Timestamp | None
+        user_agent: str
+
+_SecurityEventFields: TypeAlias = Literal["kind", "time", "reason", "session_id", "user_agent", "ip_address"]
+
+class SecurityEvent(Message[_SecurityEventFields]):
+    """
+    SecurityEvent is one entry of a user's security history.
+
+    ```proto
+    message expense.user.v1.SecurityEvent
+    ```
+
+    Attributes:
+        kind:
+            What happened.
+
+            ```proto
+            expense.user.v1.SecurityEvent.Kind kind = 1;
+            ```
+        time:
+            When it happened.
+
+            ```proto
+            optional google.protobuf.Timestamp time = 2;
+            ```
+        reason:
+            A machine-readable detail, such as `email_not_verified` for a refused
+            sign-in or the id of a revoked session.
+
+            ```proto
+            string reason = 3;
+            ```
+        session_id:
+            The session concerned, when there is one.
+
+            ```proto
+            string session_id = 4;
+            ```
+        user_agent:
+            The client, such as `Firefox on Linux`.
+
+            ```proto
+            string user_agent = 5;
+            ```
+        ip_address:
+            The client's IP address; shortened (to /24 or /48) once it is older than
+            the retention window for full addresses.
+
+            ```proto
+            string ip_address = 6;
+            ```
+    """
+
+    __slots__ = ("kind", "time", "reason", "session_id", "user_agent", "ip_address")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            kind: SecurityEvent.Kind | None = None,
+            time: Timestamp | None = None,
+            reason: str = "",
+            session_id: str = "",
+            user_agent: str = "",
+            ip_address: str = "",
+        ) -> None:
+            pass
+
+        kind: SecurityEvent.Kind
+        time: Timestamp | None
+        reason: str
+        session_id: str
+        user_agent: str
+        ip_address: str
+
+    class Kind(Enum):
+        """
+        Kind is what happened.
+
+        ```proto
+        enum expense.user.v1.SecurityEvent.Kind
+        ```
+
+        Attributes:
+            UNSPECIFIED:
+                Not set.
+
+                ```proto
+                KIND_UNSPECIFIED = 0
+                ```
+            SIGN_IN:
+                A successful sign-in.
+
+                ```proto
+                KIND_SIGN_IN = 1
+                ```
+            SIGN_IN_FAILED:
+                A sign-in for this account that was refused (see `reason`).
+
+                ```proto
+                KIND_SIGN_IN_FAILED = 2
+                ```
+            SIGN_OUT:
+                A session was signed out by its own client.
+
+                ```proto
+                KIND_SIGN_OUT = 3
+                ```
+            SESSION_REVOKED:
+                A session was revoked from another session or by an administrator.
+
+                ```proto
+                KIND_SESSION_REVOKED = 4
+                ```
+            RATE_LIMITED:
+                A request was refused by a rate limit.
+
+                ```proto
+                KIND_RATE_LIMITED = 5
+                ```
+            DATA_EXPORTED:
+                The user's data was exported.
+
+                ```proto
+                KIND_DATA_EXPORTED = 6
+                ```
+            ACCOUNT_DISABLED:
+                An administrator disabled the account.
+
+                ```proto
+                KIND_ACCOUNT_DISABLED = 7
+                ```
+            ACCOUNT_ENABLED:
+                An administrator enabled the account again.
+
+                ```proto
+                KIND_ACCOUNT_ENABLED = 8
+                ```
+        """
+
+        UNSPECIFIED = 0
+        SIGN_IN = 1
+        SIGN_IN_FAILED = 2
+        SIGN_OUT = 3
+        SESSION_REVOKED = 4
+        RATE_LIMITED = 5
+        DATA_EXPORTED = 6
+        ACCOUNT_DISABLED = 7
+        ACCOUNT_ENABLED = 8
+
+_ListSecurityEventsRequestFields: TypeAlias = Literal["page_size", "page_token"]
+
+class ListSecurityEventsRequest(Message[_ListSecurityEventsRequestFields]):
+    """
+    ListSecurityEventsRequest asks for one page of events.
+
+    ```proto
+    message expense.user.v1.ListSecurityEventsRequest
+    ```
+
+    Attributes:
+        page_size:
+            The largest number of events to return, from 0 to 100; 0 means 50.
+
+            ```proto
+            int32 page_size = 1;
+            ```
+        page_token:
+            The `next_page_token` of a previous response; empty for the first page.
+
+            ```proto
+            string page_token = 2;
+            ```
+    """
+
+    __slots__ = ("page_size", "page_token")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            page_size: int = 0,
+            page_token: str = "",
+        ) -> None:
+            pass
+
+        page_size: int
+        page_token: str
+
+_ListSecurityEventsResponseFields: TypeAlias = Literal["security_events", "next_page_token"]
+
+class ListSecurityEventsResponse(Message[_ListSecurityEventsResponseFields]):
+    """
+    ListSecurityEventsResponse carries one page of events.
+
+    ```proto
+    message expense.user.v1.ListSecurityEventsResponse
+    ```
+
+    Attributes:
+        security_events:
+            The events, newest first.
+
+            ```proto
+            repeated expense.user.v1.SecurityEvent security_events = 1;
+            ```
+        next_page_token:
+            The token for the next page, or empty when this is the last page.
+
+            ```proto
+            string next_page_token = 2;
+            ```
+    """
+
+    __slots__ = ("security_events", "next_page_token")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            security_events: list[SecurityEvent] | None = None,
+            next_page_token: str = "",
+        ) -> None:
+            pass
+
+        security_events: list[SecurityEvent]
+        next_page_token: str
+
 
 _DESC = file_desc(
-    b'\n\x1aexpense/user/v1/user.proto\x12\x0fexpense.user.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto"\xeb\x02\n\x04User\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n\x05email\x18\x02 \x01(\tR\x05email\x12%\n\x0eemail_verified\x18\x03 \x01(\x08R\remailVerified\x12!\n\x0cdisplay_name\x18\x04 \x01(\tR\x0bdisplayName\x12\x1f\n\x0bpicture_uri\x18\x05 \x01(\tR\npictureUri\x12#\n\rcurrency_code\x18\x06 \x01(\tR\x0ccurrencyCode\x12\x1b\n\ttime_zone\x18\x07 \x01(\tR\x08timeZone\x12\x16\n\x06locale\x18\x08 \x01(\tR\x06locale\x12;\n\x0bcreate_time\x18\t \x01(\x0b2\x1a.google.protobuf.TimestampR\ncreateTime\x12;\n\x0bupdate_time\x18\n \x01(\x0b2\x1a.google.protobuf.TimestampR\nupdateTime"\x17\n\x15GetCurrentUserRequest"C\n\x16GetCurrentUserResponse\x12)\n\x04user\x18\x01 \x01(\x0b2\x15.expense.user.v1.UserR\x04user"\x82\x01\n\x18UpdateCurrentUserRequest\x12)\n\x04user\x18\x01 \x01(\x0b2\x15.expense.user.v1.UserR\x04user\x12;\n\x0bupdate_mask\x18\x02 \x01(\x0b2\x1a.google.protobuf.FieldMaskR\nupdateMask"F\n\x19UpdateCurrentUserResponse\x12)\n\x04user\x18\x01 \x01(\x0b2\x15.expense.user.v1.UserR\x04user2\xe1\x01\n\x0bUserService\x12f\n\x0eGetCurrentUser\x12&.expense.user.v1.GetCurrentUserRequest\x1a\'.expense.user.v1.GetCurrentUserResponse"\x03\x90\x02\x01\x12j\n\x11UpdateCurrentUser\x12).expense.user.v1.UpdateCurrentUserRequest\x1a*.expense.user.v1.UpdateCurrentUserResponseb\x06proto3',
+    b'\n\x1aexpense/user/v1/user.proto\x12\x0fexpense.user.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto"\xeb\x02\n\x04User\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n\x05email\x18\x02 \x01(\tR\x05email\x12%\n\x0eemail_verified\x18\x03 \x01(\x08R\remailVerified\x12!\n\x0cdisplay_name\x18\x04 \x01(\tR\x0bdisplayName\x12\x1f\n\x0bpicture_uri\x18\x05 \x01(\tR\npictureUri\x12#\n\rcurrency_code\x18\x06 \x01(\tR\x0ccurrencyCode\x12\x1b\n\ttime_zone\x18\x07 \x01(\tR\x08timeZone\x12\x16\n\x06locale\x18\x08 \x01(\tR\x06locale\x12;\n\x0bcreate_time\x18\t \x01(\x0b2\x1a.google.protobuf.TimestampR\ncreateTime\x12;\n\x0bupdate_time\x18\n \x01(\x0b2\x1a.google.protobuf.TimestampR\nupdateTime"\x17\n\x15GetCurrentUserRequest"C\n\x16GetCurrentUserResponse\x12)\n\x04user\x18\x01 \x01(\x0b2\x15.expense.user.v1.UserR\x04user"\x82\x01\n\x18UpdateCurrentUserRequest\x12)\n\x04user\x18\x01 \x01(\x0b2\x15.expense.user.v1.UserR\x04user\x12;\n\x0bupdate_mask\x18\x02 \x01(\x0b2\x1a.google.protobuf.FieldMaskR\nupdateMask"F\n\x19UpdateCurrentUserResponse\x12)\n\x04user\x18\x01 \x01(\x0b2\x15.expense.user.v1.UserR\x04user"B\n\x18DeleteCurrentUserRequest\x12&\n\x0fgoogle_id_token\x18\x01 \x01(\tR\rgoogleIdToken"\x1b\n\x19DeleteCurrentUserResponse"\x1e\n\x1cExportCurrentUserDataRequest"\xd3\x02\n\x1dExportCurrentUserDataResponse\x12;\n\x0bexport_time\x18\x01 \x01(\x0b2\x1a.google.protobuf.TimestampR\nexportTime\x12)\n\x04user\x18\x02 \x01(\x0b2\x15.expense.user.v1.UserR\x04user\x12E\n\x0elinked_account\x18\x03 \x01(\x0b2\x1e.expense.user.v1.LinkedAccountR\rlinkedAccount\x12:\n\x08sessions\x18\x04 \x03(\x0b2\x1e.expense.user.v1.SessionRecordR\x08sessions\x12G\n\x0fsecurity_events\x18\x05 \x03(\x0b2\x1e.expense.user.v1.SecurityEventR\x0esecurityEvents"A\n\rLinkedAccount\x12\x16\n\x06issuer\x18\x01 \x01(\tR\x06issuer\x12\x18\n\x07subject\x18\x02 \x01(\tR\x07subject"\xbe\x02\n\rSessionRecord\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12;\n\x0bcreate_time\x18\x02 \x01(\x0b2\x1a.google.protobuf.TimestampR\ncreateTime\x12@\n\x0elast_seen_time\x18\x03 \x01(\x0b2\x1a.google.protobuf.TimestampR\x0clastSeenTime\x12B\n\x0fmax_expire_time\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\rmaxExpireTime\x12;\n\x0brevoke_time\x18\x05 \x01(\x0b2\x1a.google.protobuf.TimestampR\nrevokeTime\x12\x1d\n\nuser_agent\x18\x06 \x01(\tR\tuserAgent"\xc8\x03\n\rSecurityEvent\x127\n\x04kind\x18\x01 \x01(\x0e2#.expense.user.v1.SecurityEvent.KindR\x04kind\x12.\n\x04time\x18\x02 \x01(\x0b2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12\x1d\n\nsession_id\x18\x04 \x01(\tR\tsessionId\x12\x1d\n\nuser_agent\x18\x05 \x01(\tR\tuserAgent\x12\x1d\n\nip_address\x18\x06 \x01(\tR\tipAddress"\xd8\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_SIGN_IN\x10\x01\x12\x17\n\x13KIND_SIGN_IN_FAILED\x10\x02\x12\x11\n\rKIND_SIGN_OUT\x10\x03\x12\x18\n\x14KIND_SESSION_REVOKED\x10\x04\x12\x15\n\x11KIND_RATE_LIMITED\x10\x05\x12\x16\n\x12KIND_DATA_EXPORTED\x10\x06\x12\x19\n\x15KIND_ACCOUNT_DISABLED\x10\x07\x12\x18\n\x14KIND_ACCOUNT_ENABLED\x10\x08"W\n\x19ListSecurityEventsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken"\x8d\x01\n\x1aListSecurityEventsResponse\x12G\n\x0fsecurity_events\x18\x01 \x03(\x0b2\x1e.expense.user.v1.SecurityEventR\x0esecurityEvents\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken2\xb9\x04\n\x0bUserService\x12f\n\x0eGetCurrentUser\x12&.expense.user.v1.GetCurrentUserRequest\x1a\'.expense.user.v1.GetCurrentUserResponse"\x03\x90\x02\x01\x12j\n\x11UpdateCurrentUser\x12).expense.user.v1.UpdateCurrentUserRequest\x1a*.expense.user.v1.UpdateCurrentUserResponse\x12j\n\x11DeleteCurrentUser\x12).expense.user.v1.DeleteCurrentUserRequest\x1a*.expense.user.v1.DeleteCurrentUserResponse\x12v\n\x15ExportCurrentUserData\x12-.expense.user.v1.ExportCurrentUserDataRequest\x1a..expense.user.v1.ExportCurrentUserDataResponse\x12r\n\x12ListSecurityEvents\x12*.expense.user.v1.ListSecurityEventsRequest\x1a+.expense.user.v1.ListSecurityEventsResponse"\x03\x90\x02\x01b\x06proto3',
     [
         field_mask_pb.desc(),
         timestamp_pb.desc(),
@@ -267,6 +745,16 @@ _DESC = file_desc(
         "GetCurrentUserResponse": GetCurrentUserResponse,
         "UpdateCurrentUserRequest": UpdateCurrentUserRequest,
         "UpdateCurrentUserResponse": UpdateCurrentUserResponse,
+        "DeleteCurrentUserRequest": DeleteCurrentUserRequest,
+        "DeleteCurrentUserResponse": DeleteCurrentUserResponse,
+        "ExportCurrentUserDataRequest": ExportCurrentUserDataRequest,
+        "ExportCurrentUserDataResponse": ExportCurrentUserDataResponse,
+        "LinkedAccount": LinkedAccount,
+        "SessionRecord": SessionRecord,
+        "SecurityEvent": SecurityEvent,
+        "SecurityEvent.Kind": SecurityEvent.Kind,
+        "ListSecurityEventsRequest": ListSecurityEventsRequest,
+        "ListSecurityEventsResponse": ListSecurityEventsResponse,
     },
 )
 

@@ -2,8 +2,8 @@
 // @generated from file expense/user/v1/user.proto (package expense.user.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { FieldMask, Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_field_mask, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file expense/user/v1/user.proto.
  */
 export const file_expense_user_v1_user: GenFile = /*@__PURE__*/
-  fileDesc("ChpleHBlbnNlL3VzZXIvdjEvdXNlci5wcm90bxIPZXhwZW5zZS51c2VyLnYxIoACCgRVc2VyEgoKAmlkGAEgASgJEg0KBWVtYWlsGAIgASgJEhYKDmVtYWlsX3ZlcmlmaWVkGAMgASgIEhQKDGRpc3BsYXlfbmFtZRgEIAEoCRITCgtwaWN0dXJlX3VyaRgFIAEoCRIVCg1jdXJyZW5jeV9jb2RlGAYgASgJEhEKCXRpbWVfem9uZRgHIAEoCRIOCgZsb2NhbGUYCCABKAkSLwoLY3JlYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIXChVHZXRDdXJyZW50VXNlclJlcXVlc3QiPQoWR2V0Q3VycmVudFVzZXJSZXNwb25zZRIjCgR1c2VyGAEgASgLMhUuZXhwZW5zZS51c2VyLnYxLlVzZXIicAoYVXBkYXRlQ3VycmVudFVzZXJSZXF1ZXN0EiMKBHVzZXIYASABKAsyFS5leHBlbnNlLnVzZXIudjEuVXNlchIvCgt1cGRhdGVfbWFzaxgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2siQAoZVXBkYXRlQ3VycmVudFVzZXJSZXNwb25zZRIjCgR1c2VyGAEgASgLMhUuZXhwZW5zZS51c2VyLnYxLlVzZXIy4QEKC1VzZXJTZXJ2aWNlEmYKDkdldEN1cnJlbnRVc2VyEiYuZXhwZW5zZS51c2VyLnYxLkdldEN1cnJlbnRVc2VyUmVxdWVzdBonLmV4cGVuc2UudXNlci52MS5HZXRDdXJyZW50VXNlclJlc3BvbnNlIgOQAgESagoRVXBkYXRlQ3VycmVudFVzZXISKS5leHBlbnNlLnVzZXIudjEuVXBkYXRlQ3VycmVudFVzZXJSZXF1ZXN0GiouZXhwZW5zZS51c2VyLnYxLlVwZGF0ZUN1cnJlbnRVc2VyUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
+  fileDesc("ChpleHBlbnNlL3VzZXIvdjEvdXNlci5wcm90bxIPZXhwZW5zZS51c2VyLnYxIoACCgRVc2VyEgoKAmlkGAEgASgJEg0KBWVtYWlsGAIgASgJEhYKDmVtYWlsX3ZlcmlmaWVkGAMgASgIEhQKDGRpc3BsYXlfbmFtZRgEIAEoCRITCgtwaWN0dXJlX3VyaRgFIAEoCRIVCg1jdXJyZW5jeV9jb2RlGAYgASgJEhEKCXRpbWVfem9uZRgHIAEoCRIOCgZsb2NhbGUYCCABKAkSLwoLY3JlYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIXChVHZXRDdXJyZW50VXNlclJlcXVlc3QiPQoWR2V0Q3VycmVudFVzZXJSZXNwb25zZRIjCgR1c2VyGAEgASgLMhUuZXhwZW5zZS51c2VyLnYxLlVzZXIicAoYVXBkYXRlQ3VycmVudFVzZXJSZXF1ZXN0EiMKBHVzZXIYASABKAsyFS5leHBlbnNlLnVzZXIudjEuVXNlchIvCgt1cGRhdGVfbWFzaxgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2siQAoZVXBkYXRlQ3VycmVudFVzZXJSZXNwb25zZRIjCgR1c2VyGAEgASgLMhUuZXhwZW5zZS51c2VyLnYxLlVzZXIiMwoYRGVsZXRlQ3VycmVudFVzZXJSZXF1ZXN0EhcKD2dvb2dsZV9pZF90b2tlbhgBIAEoCSIbChlEZWxldGVDdXJyZW50VXNlclJlc3BvbnNlIh4KHEV4cG9ydEN1cnJlbnRVc2VyRGF0YVJlcXVlc3QimAIKHUV4cG9ydEN1cnJlbnRVc2VyRGF0YVJlc3BvbnNlEi8KC2V4cG9ydF90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIjCgR1c2VyGAIgASgLMhUuZXhwZW5zZS51c2VyLnYxLlVzZXISNgoObGlua2VkX2FjY291bnQYAyABKAsyHi5leHBlbnNlLnVzZXIudjEuTGlua2VkQWNjb3VudBIwCghzZXNzaW9ucxgEIAMoCzIeLmV4cGVuc2UudXNlci52MS5TZXNzaW9uUmVjb3JkEjcKD3NlY3VyaXR5X2V2ZW50cxgFIAMoCzIeLmV4cGVuc2UudXNlci52MS5TZWN1cml0eUV2ZW50IjAKDUxpbmtlZEFjY291bnQSDgoGaXNzdWVyGAEgASgJEg8KB3N1YmplY3QYAiABKAki+gEKDVNlc3Npb25SZWNvcmQSCgoCaWQYASABKAkSLwoLY3JlYXRlX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjIKDmxhc3Rfc2Vlbl90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9tYXhfZXhwaXJlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgp1c2VyX2FnZW50GAYgASgJIpMDCg1TZWN1cml0eUV2ZW50EjEKBGtpbmQYASABKA4yIy5leHBlbnNlLnVzZXIudjEuU2VjdXJpdHlFdmVudC5LaW5kEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnJlYXNvbhgDIAEoCRISCgpzZXNzaW9uX2lkGAQgASgJEhIKCnVzZXJfYWdlbnQYBSABKAkSEgoKaXBfYWRkcmVzcxgGIAEoCSLYAQoES2luZBIUChBLSU5EX1VOU1BFQ0lGSUVEEAASEAoMS0lORF9TSUdOX0lOEAESFwoTS0lORF9TSUdOX0lOX0ZBSUxFRBACEhEKDUtJTkRfU0lHTl9PVVQQAxIYChRLSU5EX1NFU1NJT05fUkVWT0tFRBAEEhUKEUtJTkRfUkFURV9MSU1JVEVEEAUSFgoSS0lORF9EQVRBX0VYUE9SVEVEEAYSGQoVS0lORF9BQ0NPVU5UX0RJU0FCTEVEEAcSGAoUS0lORF9BQ0NPVU5UX0VOQUJMRUQQCCJCChlMaXN0U2VjdXJpdHlFdmVudHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIm4KGkxpc3RTZWN1cml0eUV2ZW50c1Jlc3BvbnNlEjcKD3NlY3VyaXR5X2V2ZW50cxgBIAMoCzIeLmV4cGVuc2UudXNlci52MS5TZWN1cml0eUV2ZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCTK5BAoLVXNlclNlcnZpY2USZgoOR2V0Q3VycmVudFVzZXISJi5leHBlbnNlLnVzZXIudjEuR2V0Q3VycmVudFVzZXJSZXF1ZXN0GicuZXhwZW5zZS51c2VyLnYxLkdldEN1cnJlbnRVc2VyUmVzcG9uc2UiA5ACARJqChFVcGRhdGVDdXJyZW50VXNlchIpLmV4cGVuc2UudXNlci52MS5VcGRhdGVDdXJyZW50VXNlclJlcXVlc3QaKi5leHBlbnNlLnVzZXIudjEuVXBkYXRlQ3VycmVudFVzZXJSZXNwb25zZRJqChFEZWxldGVDdXJyZW50VXNlchIpLmV4cGVuc2UudXNlci52MS5EZWxldGVDdXJyZW50VXNlclJlcXVlc3QaKi5leHBlbnNlLnVzZXIudjEuRGVsZXRlQ3VycmVudFVzZXJSZXNwb25zZRJ2ChVFeHBvcnRDdXJyZW50VXNlckRhdGESLS5leHBlbnNlLnVzZXIudjEuRXhwb3J0Q3VycmVudFVzZXJEYXRhUmVxdWVzdBouLmV4cGVuc2UudXNlci52MS5FeHBvcnRDdXJyZW50VXNlckRhdGFSZXNwb25zZRJyChJMaXN0U2VjdXJpdHlFdmVudHMSKi5leHBlbnNlLnVzZXIudjEuTGlzdFNlY3VyaXR5RXZlbnRzUmVxdWVzdBorLmV4cGVuc2UudXNlci52MS5MaXN0U2VjdXJpdHlFdmVudHNSZXNwb25zZSIDkAIBYgZwcm90bzM", [file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
 
 /**
  * User is a person who signed in with Google.
@@ -189,6 +189,381 @@ export const UpdateCurrentUserResponseSchema: GenMessage<UpdateCurrentUserRespon
   messageDesc(file_expense_user_v1_user, 4);
 
 /**
+ * DeleteCurrentUserRequest carries the re-authentication.
+ *
+ * @generated from message expense.user.v1.DeleteCurrentUserRequest
+ */
+export type DeleteCurrentUserRequest = Message<"expense.user.v1.DeleteCurrentUserRequest"> & {
+  /**
+   * A Google ID token for the signed-in account, issued within the last five
+   * minutes (sign in with Google again to get one).
+   *
+   * @generated from field: string google_id_token = 1;
+   */
+  googleIdToken: string;
+};
+
+/**
+ * Describes the message expense.user.v1.DeleteCurrentUserRequest.
+ * Use `create(DeleteCurrentUserRequestSchema)` to create a new message.
+ */
+export const DeleteCurrentUserRequestSchema: GenMessage<DeleteCurrentUserRequest> = /*@__PURE__*/
+  messageDesc(file_expense_user_v1_user, 5);
+
+/**
+ * DeleteCurrentUserResponse is empty; the user is gone.
+ *
+ * @generated from message expense.user.v1.DeleteCurrentUserResponse
+ */
+export type DeleteCurrentUserResponse = Message<"expense.user.v1.DeleteCurrentUserResponse"> & {
+};
+
+/**
+ * Describes the message expense.user.v1.DeleteCurrentUserResponse.
+ * Use `create(DeleteCurrentUserResponseSchema)` to create a new message.
+ */
+export const DeleteCurrentUserResponseSchema: GenMessage<DeleteCurrentUserResponse> = /*@__PURE__*/
+  messageDesc(file_expense_user_v1_user, 6);
+
+/**
+ * ExportCurrentUserDataRequest has no fields: the data is the caller's.
+ *
+ * @generated from message expense.user.v1.ExportCurrentUserDataRequest
+ */
+export type ExportCurrentUserDataRequest = Message<"expense.user.v1.ExportCurrentUserDataRequest"> & {
+};
+
+/**
+ * Describes the message expense.user.v1.ExportCurrentUserDataRequest.
+ * Use `create(ExportCurrentUserDataRequestSchema)` to create a new message.
+ */
+export const ExportCurrentUserDataRequestSchema: GenMessage<ExportCurrentUserDataRequest> = /*@__PURE__*/
+  messageDesc(file_expense_user_v1_user, 7);
+
+/**
+ * ExportCurrentUserDataResponse is everything stored about the user.
+ *
+ * @generated from message expense.user.v1.ExportCurrentUserDataResponse
+ */
+export type ExportCurrentUserDataResponse = Message<"expense.user.v1.ExportCurrentUserDataResponse"> & {
+  /**
+   * When the export was made.
+   *
+   * @generated from field: google.protobuf.Timestamp export_time = 1;
+   */
+  exportTime?: Timestamp | undefined;
+
+  /**
+   * The profile and preferences.
+   *
+   * @generated from field: expense.user.v1.User user = 2;
+   */
+  user?: User | undefined;
+
+  /**
+   * The Google account the user signs in with.
+   *
+   * @generated from field: expense.user.v1.LinkedAccount linked_account = 3;
+   */
+  linkedAccount?: LinkedAccount | undefined;
+
+  /**
+   * Every stored session, live or ended, newest first.
+   *
+   * @generated from field: repeated expense.user.v1.SessionRecord sessions = 4;
+   */
+  sessions: SessionRecord[];
+
+  /**
+   * Every stored security event, newest first.
+   *
+   * @generated from field: repeated expense.user.v1.SecurityEvent security_events = 5;
+   */
+  securityEvents: SecurityEvent[];
+};
+
+/**
+ * Describes the message expense.user.v1.ExportCurrentUserDataResponse.
+ * Use `create(ExportCurrentUserDataResponseSchema)` to create a new message.
+ */
+export const ExportCurrentUserDataResponseSchema: GenMessage<ExportCurrentUserDataResponse> = /*@__PURE__*/
+  messageDesc(file_expense_user_v1_user, 8);
+
+/**
+ * LinkedAccount is the identity-provider account behind a user.
+ *
+ * @generated from message expense.user.v1.LinkedAccount
+ */
+export type LinkedAccount = Message<"expense.user.v1.LinkedAccount"> & {
+  /**
+   * The token issuer, such as `https://accounts.google.com`.
+   *
+   * @generated from field: string issuer = 1;
+   */
+  issuer: string;
+
+  /**
+   * The account's subject identifier at the issuer.
+   *
+   * @generated from field: string subject = 2;
+   */
+  subject: string;
+};
+
+/**
+ * Describes the message expense.user.v1.LinkedAccount.
+ * Use `create(LinkedAccountSchema)` to create a new message.
+ */
+export const LinkedAccountSchema: GenMessage<LinkedAccount> = /*@__PURE__*/
+  messageDesc(file_expense_user_v1_user, 9);
+
+/**
+ * SessionRecord is a stored session, as kept in the database.
+ *
+ * @generated from message expense.user.v1.SessionRecord
+ */
+export type SessionRecord = Message<"expense.user.v1.SessionRecord"> & {
+  /**
+   * The public identifier of the session.
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * When the session was created.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 2;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * When it was last used, to within a minute.
+   *
+   * @generated from field: google.protobuf.Timestamp last_seen_time = 3;
+   */
+  lastSeenTime?: Timestamp | undefined;
+
+  /**
+   * Its absolute end.
+   *
+   * @generated from field: google.protobuf.Timestamp max_expire_time = 4;
+   */
+  maxExpireTime?: Timestamp | undefined;
+
+  /**
+   * When it was revoked, if it was.
+   *
+   * @generated from field: google.protobuf.Timestamp revoke_time = 5;
+   */
+  revokeTime?: Timestamp | undefined;
+
+  /**
+   * The client that created it, such as `Chrome on macOS`.
+   *
+   * @generated from field: string user_agent = 6;
+   */
+  userAgent: string;
+};
+
+/**
+ * Describes the message expense.user.v1.SessionRecord.
+ * Use `create(SessionRecordSchema)` to create a new message.
+ */
+export const SessionRecordSchema: GenMessage<SessionRecord> = /*@__PURE__*/
+  messageDesc(file_expense_user_v1_user, 10);
+
+/**
+ * SecurityEvent is one entry of a user's security history.
+ *
+ * @generated from message expense.user.v1.SecurityEvent
+ */
+export type SecurityEvent = Message<"expense.user.v1.SecurityEvent"> & {
+  /**
+   * What happened.
+   *
+   * @generated from field: expense.user.v1.SecurityEvent.Kind kind = 1;
+   */
+  kind: SecurityEvent_Kind;
+
+  /**
+   * When it happened.
+   *
+   * @generated from field: google.protobuf.Timestamp time = 2;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * A machine-readable detail, such as `email_not_verified` for a refused
+   * sign-in or the id of a revoked session.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+
+  /**
+   * The session concerned, when there is one.
+   *
+   * @generated from field: string session_id = 4;
+   */
+  sessionId: string;
+
+  /**
+   * The client, such as `Firefox on Linux`.
+   *
+   * @generated from field: string user_agent = 5;
+   */
+  userAgent: string;
+
+  /**
+   * The client's IP address; shortened (to /24 or /48) once it is older than
+   * the retention window for full addresses.
+   *
+   * @generated from field: string ip_address = 6;
+   */
+  ipAddress: string;
+};
+
+/**
+ * Describes the message expense.user.v1.SecurityEvent.
+ * Use `create(SecurityEventSchema)` to create a new message.
+ */
+export const SecurityEventSchema: GenMessage<SecurityEvent> = /*@__PURE__*/
+  messageDesc(file_expense_user_v1_user, 11);
+
+/**
+ * Kind is what happened.
+ *
+ * @generated from enum expense.user.v1.SecurityEvent.Kind
+ */
+export enum SecurityEvent_Kind {
+  /**
+   * Not set.
+   *
+   * @generated from enum value: KIND_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A successful sign-in.
+   *
+   * @generated from enum value: KIND_SIGN_IN = 1;
+   */
+  SIGN_IN = 1,
+
+  /**
+   * A sign-in for this account that was refused (see `reason`).
+   *
+   * @generated from enum value: KIND_SIGN_IN_FAILED = 2;
+   */
+  SIGN_IN_FAILED = 2,
+
+  /**
+   * A session was signed out by its own client.
+   *
+   * @generated from enum value: KIND_SIGN_OUT = 3;
+   */
+  SIGN_OUT = 3,
+
+  /**
+   * A session was revoked from another session or by an administrator.
+   *
+   * @generated from enum value: KIND_SESSION_REVOKED = 4;
+   */
+  SESSION_REVOKED = 4,
+
+  /**
+   * A request was refused by a rate limit.
+   *
+   * @generated from enum value: KIND_RATE_LIMITED = 5;
+   */
+  RATE_LIMITED = 5,
+
+  /**
+   * The user's data was exported.
+   *
+   * @generated from enum value: KIND_DATA_EXPORTED = 6;
+   */
+  DATA_EXPORTED = 6,
+
+  /**
+   * An administrator disabled the account.
+   *
+   * @generated from enum value: KIND_ACCOUNT_DISABLED = 7;
+   */
+  ACCOUNT_DISABLED = 7,
+
+  /**
+   * An administrator enabled the account again.
+   *
+   * @generated from enum value: KIND_ACCOUNT_ENABLED = 8;
+   */
+  ACCOUNT_ENABLED = 8,
+}
+
+/**
+ * Describes the enum expense.user.v1.SecurityEvent.Kind.
+ */
+export const SecurityEvent_KindSchema: GenEnum<SecurityEvent_Kind> = /*@__PURE__*/
+  enumDesc(file_expense_user_v1_user, 11, 0);
+
+/**
+ * ListSecurityEventsRequest asks for one page of events.
+ *
+ * @generated from message expense.user.v1.ListSecurityEventsRequest
+ */
+export type ListSecurityEventsRequest = Message<"expense.user.v1.ListSecurityEventsRequest"> & {
+  /**
+   * The largest number of events to return, from 0 to 100; 0 means 50.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * The `next_page_token` of a previous response; empty for the first page.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message expense.user.v1.ListSecurityEventsRequest.
+ * Use `create(ListSecurityEventsRequestSchema)` to create a new message.
+ */
+export const ListSecurityEventsRequestSchema: GenMessage<ListSecurityEventsRequest> = /*@__PURE__*/
+  messageDesc(file_expense_user_v1_user, 12);
+
+/**
+ * ListSecurityEventsResponse carries one page of events.
+ *
+ * @generated from message expense.user.v1.ListSecurityEventsResponse
+ */
+export type ListSecurityEventsResponse = Message<"expense.user.v1.ListSecurityEventsResponse"> & {
+  /**
+   * The events, newest first.
+   *
+   * @generated from field: repeated expense.user.v1.SecurityEvent security_events = 1;
+   */
+  securityEvents: SecurityEvent[];
+
+  /**
+   * The token for the next page, or empty when this is the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message expense.user.v1.ListSecurityEventsResponse.
+ * Use `create(ListSecurityEventsResponseSchema)` to create a new message.
+ */
+export const ListSecurityEventsResponseSchema: GenMessage<ListSecurityEventsResponse> = /*@__PURE__*/
+  messageDesc(file_expense_user_v1_user, 13);
+
+/**
  * UserService lets a signed-in user read and change their own profile and
  * preferences. Every RPC acts on the caller, identified by the session cookie.
  *
@@ -215,6 +590,43 @@ export const UserService: GenService<{
     methodKind: "unary";
     input: typeof UpdateCurrentUserRequestSchema;
     output: typeof UpdateCurrentUserResponseSchema;
+  },
+  /**
+   * DeleteCurrentUser deletes the signed-in user and all their sessions. It
+   * needs a fresh re-authentication: a Google ID token for the same account,
+   * issued within the last few minutes. Every session of the user ends at
+   * once; the response expires the cookie and clears the site's data. Only an
+   * anonymous tombstone (a hash of the account id and the time) is kept.
+   *
+   * @generated from rpc expense.user.v1.UserService.DeleteCurrentUser
+   */
+  deleteCurrentUser: {
+    methodKind: "unary";
+    input: typeof DeleteCurrentUserRequestSchema;
+    output: typeof DeleteCurrentUserResponseSchema;
+  },
+  /**
+   * ExportCurrentUserData returns everything stored about the signed-in user:
+   * profile, preferences, sessions and security events. The JSON codec renders
+   * it as a readable document.
+   *
+   * @generated from rpc expense.user.v1.UserService.ExportCurrentUserData
+   */
+  exportCurrentUserData: {
+    methodKind: "unary";
+    input: typeof ExportCurrentUserDataRequestSchema;
+    output: typeof ExportCurrentUserDataResponseSchema;
+  },
+  /**
+   * ListSecurityEvents lists the signed-in user's recent security activity,
+   * newest first: sign-ins, sign-outs, revocations and refused attempts.
+   *
+   * @generated from rpc expense.user.v1.UserService.ListSecurityEvents
+   */
+  listSecurityEvents: {
+    methodKind: "unary";
+    input: typeof ListSecurityEventsRequestSchema;
+    output: typeof ListSecurityEventsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_expense_user_v1_user, 0);

@@ -1,0 +1,64 @@
+"""Operator actions on any account, each one audited."""
+
+from __future__ import annotations
+
+from server.domain import audit
+from server.domain.audit import Audit, Origin
+from server.domain.clock import Clock
+from server.domain.errors import InvalidArgument, NotFound
+from server.domain.models import User
+from server.storage.base import Store
+
+MAX_PAGE_SIZE = 100
+DEFAULT_PAGE_SIZE = 50
+
+
+class Admin:
+    """What the admin API can do."""
+
+    def __init__(self, store: Store, *, clock: Clock, audit_log: Audit) -> None:
+        self._store = store
+        self._clock = clock
+        self._audit = audit_log
+
+    async def list_users(
+        self, *, email_contains: str, page_size: int, after_id: str | None
+    ) -> tuple[list[User], str | None]:
+        """One page of users ordered by id, and the id to continue after."""
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(
+                "page_size", f"page_size must be between 0 and {MAX_PAGE_SIZE}, got {page_size}"
+            )
+        size = page_size or DEFAULT_PAGE_SIZE
+        rows = await self._store.list_users(
+            email_contains=email_contains.strip(), after_id=after_id, limit=size + 1
+        )
+        page = rows[:size]
+        return page, (page[-1].id if len(rows) > size else None)
+
+    async def get_user(self, user_id: str) -> User:
+        """One user by id."""
+        user = await self._store.get_user(user_id)
+        if user is None:
+            raise NotFound(f"no user {user_id[:64]!r}")
+        return user
+
+    async def set_disabled(self, user_id: str, *, disabled: bool, origin: Origin) -> User:
+        """Disable a user (every session ends at once) or enable them again."""
+        user = await self._store.set_disabled(
+            user_id, disabled=disabled, now_ms=self._clock.now_ms()
+        )
+        if user is None:
+            raise NotFound(f"no user {user_id[:64]!r}")
+        kind = audit.ACCOUNT_DISABLED if disabled else audit.ACCOUNT_ENABLED
+        await self._audit.record(kind, user_id=user.id, origin=origin, reason="admin")
+        return user
+
+    async def revoke_sessions(self, user_id: str, *, origin: Origin) -> int:
+        """Revoke every session of a user."""
+        await self.get_user(user_id)
+        count = await self._store.revoke_all_sessions(user_id, now_ms=self._clock.now_ms())
+        await self._audit.record(
+            audit.SESSION_REVOKED, user_id=user_id, origin=origin, reason=f"admin:{count}"
+        )
+        return count

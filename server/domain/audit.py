@@ -1,0 +1,73 @@
+"""The audit log: what happened to whom, when, from where — never a token or a cookie."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from server.domain.clock import Clock
+from server.domain.models import AuditEvent
+from server.storage.base import Store
+
+SIGN_IN = "sign_in"
+SIGN_IN_FAILED = "sign_in_failed"
+SIGN_OUT = "sign_out"
+SESSION_REVOKED = "session_revoked"
+RATE_LIMITED = "rate_limited"
+DATA_EXPORTED = "data_exported"
+ACCOUNT_DELETED = "account_deleted"
+ACCOUNT_DISABLED = "account_disabled"
+ACCOUNT_ENABLED = "account_enabled"
+# Rate-limit events are recorded at most this often per user, so a flood of
+# refused calls cannot turn into a flood of writes.
+RATE_LIMITED_RECORD_INTERVAL_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a request came from: its client IP and a User-Agent summary."""
+
+    ip: str = ""
+    user_agent: str = ""
+
+
+class Audit:
+    """Appends events to the store's audit log."""
+
+    def __init__(self, store: Store, *, clock: Clock) -> None:
+        self._store = store
+        self._clock = clock
+        self._last_rate_limited: dict[str, float] = {}
+
+    async def record(
+        self,
+        kind: str,
+        *,
+        user_id: str | None,
+        origin: Origin,
+        reason: str = "",
+        session_id: str = "",
+    ) -> None:
+        """Append one event, stamped with the current time."""
+        await self._store.record_event(
+            AuditEvent(
+                time_ms=self._clock.now_ms(),
+                kind=kind,
+                user_id=user_id,
+                reason=reason[:100],
+                session_id=session_id,
+                ip=origin.ip,
+                user_agent=origin.user_agent,
+            )
+        )
+
+    async def rate_limited(self, *, user_id: str, origin: Origin, reason: str) -> None:
+        """Record a refusal by a rate limit, at most once a minute per user."""
+        now = time.monotonic()
+        last = self._last_rate_limited.get(user_id)
+        if last is not None and now - last < RATE_LIMITED_RECORD_INTERVAL_S:
+            return
+        if len(self._last_rate_limited) > 10_000:
+            self._last_rate_limited.clear()
+        self._last_rate_limited[user_id] = now
+        await self.record(RATE_LIMITED, user_id=user_id, origin=origin, reason=reason)
