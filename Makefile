@@ -54,3 +54,15 @@ pytest: setup
 
 clean:
 	rm -rf $(VENV) node_modules
+
+# Benchmarks (bench/, docs/benchmarks.md): `make bench`, or `make bench BENCH_ARGS=--quick`
+# for a smoke run in under a minute. Needs h2load (Debian nghttp2-client) and
+# matplotlib + py-spy (the `bench` extra); installs what is missing.
+.PHONY: bench
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): pyproject.toml $(PY_STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	touch $@
+bench: $(BENCH_STAMP) $(NODE_STAMP)
+	@command -v h2load >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nghttp2-client; }
+	$(BIN)/python -m bench $(BENCH_ARGS)

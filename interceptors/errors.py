@@ -18,7 +18,7 @@ from connectrpc.request import RequestContext
 
 from interceptors.logging import REQUEST_ID_HEADER
 from server.domain.errors import DomainError, RateLimited
-from server.rpc.errors import INTERNAL_MESSAGE, to_connect_error
+from server.rpc.errors import INTERNAL_MESSAGE, client_fault, to_connect_error
 
 log = logging.getLogger("expense_auth.errors")
 
@@ -34,7 +34,12 @@ class ErrorBoundary:
         self, token: None, ctx: RequestContext[Any, Any], error: Exception | None
     ) -> None:
         """Replace the call's error by its public form."""
-        if error is None or isinstance(error, ConnectError):
+        if error is None:
+            return
+        if isinstance(error, ConnectError):
+            replacement = client_fault(error)
+            if replacement is not None:
+                raise replacement from None
             return
         if isinstance(error, DomainError):
             if isinstance(error, RateLimited):

@@ -18,7 +18,8 @@ from connectrpc.request import RequestContext
 
 from interceptors.client_ip import client_ip
 from interceptors.session import current_principal, procedure_of
-from server.domain.errors import InvalidIdToken
+from server.domain.audit import Audit, Origin
+from server.domain.errors import InvalidIdToken, RateLimited
 from server.domain.throttle import (
     FAILED_SIGNIN_PER_IP,
     GLOBAL,
@@ -28,6 +29,7 @@ from server.domain.throttle import (
     UNAUTHENTICATED_PER_IP,
     Throttle,
 )
+from server.rpc.user_agent import summarize
 
 SIGN_IN = "/expense.auth.v1.AuthService/SignIn"
 
@@ -66,19 +68,31 @@ class NetworkRateLimit:
 class PrincipalRateLimit:
     """Per-session and per-user limits, after the session is known."""
 
-    def __init__(self, throttle: Throttle, *, public: frozenset[str]) -> None:
+    def __init__(self, throttle: Throttle, *, public: frozenset[str], audit_log: Audit) -> None:
         self._throttle = throttle
         self._public = public
+        self._audit = audit_log
 
     async def on_start(self, ctx: RequestContext[Any, Any]) -> None:
         """Count the call for its session and its user."""
         if procedure_of(ctx) in self._public:
             return
         principal = current_principal()
-        await self._throttle.hit(
-            PER_SESSION, principal.session.id, what="too many calls from this session"
-        )
-        await self._throttle.hit(PER_USER, principal.user.id, what="too many calls for this user")
+        try:
+            await self._throttle.hit(
+                PER_SESSION, principal.session.id, what="too many calls from this session"
+            )
+            await self._throttle.hit(
+                PER_USER, principal.user.id, what="too many calls for this user"
+            )
+        except RateLimited:
+            origin = Origin(
+                ip=client_ip(), user_agent=summarize(ctx.request_headers.get("user-agent", ""))
+            )
+            await self._audit.rate_limited(
+                user_id=principal.user.id, origin=origin, reason=procedure_of(ctx)
+            )
+            raise
 
     async def on_end(
         self, token: None, ctx: RequestContext[Any, Any], error: Exception | None

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypedDict
 
+from connectrpc.codec import Codec, proto_binary_codec
 from connectrpc.interceptor import Interceptor
 from connectrpc_grpcreflect import (
     ServerReflectionAlphaASGIApplication,
@@ -15,25 +17,33 @@ from connectrpc_grpcreflect import (
     ServerReflectionASGIApplication,
     ServerReflectionService,
 )
+from pydantic import SecretStr
 from starlette.types import ASGIApp
 
+from gen.expense.admin.v1.admin_connect import AdminServiceASGIApplication
 from gen.expense.auth.v1 import auth_pb
 from gen.expense.auth.v1.auth_connect import AuthServiceASGIApplication
 from gen.expense.user.v1 import user_pb
 from gen.expense.user.v1.user_connect import UserServiceASGIApplication
 from gen.grpc.health.v1 import health_pb
 from gen.grpc.health.v1.health_connect import HealthASGIApplication
+from interceptors.admin_auth import AdminAuth
 from interceptors.browser_guard import BrowserGuard
 from interceptors.client_ip import ClientAddress
 from interceptors.deadline import Deadline
 from interceptors.errors import ErrorBoundary
 from interceptors.logging import RequestLogger
+from interceptors.metrics import MetricsRecorder
 from interceptors.rate_limit import NetworkRateLimit, PrincipalRateLimit
 from interceptors.session import SessionInterceptor
+from server import telemetry
+from server.codecs import DepthLimitedJSONCodec
 from server.config import Config
 from server.domain.accounts import Accounts
+from server.domain.admin import Admin
 from server.domain.audit import Audit
 from server.domain.clock import Clock, SystemClock
+from server.domain.retention import Retention, RetentionPolicy
 from server.domain.sessions import SessionPolicy, Sessions
 from server.domain.throttle import POLICIES, Throttle
 from server.domain.tokens import CookieSigner
@@ -41,11 +51,15 @@ from server.domain.users import Users
 from server.identity.certs import CertsSource, HttpCerts, StaticCerts
 from server.identity.dev_issuer import DEV_AUDIENCE, DEV_ISSUER, DevIssuer
 from server.identity.verifier import GOOGLE_ISSUERS, IdTokenVerifier
+from server.jobs import Periodic, backup_job, retention_job
+from server.metrics import Metrics, ScrapeTime
 from server.middleware import with_edge
-from server.router import JSONHandler, Router
-from server.rpc.auth import AuthService, IdentityVerifier
+from server.readiness import Readiness, healthz
+from server.router import PlainResponse, Route, Router
+from server.rpc.admin import AdminService
+from server.rpc.auth import AuthService
 from server.rpc.cookies import SessionCookies
-from server.rpc.health import HealthService, HealthState
+from server.rpc.health import HealthService
 from server.rpc.nonces import SignInNonces
 from server.rpc.page_tokens import PageTokens
 from server.rpc.user import UserService
@@ -56,6 +70,7 @@ from server.storage.sqlite import SQLiteStore, check_schema
 # big bodies early keeps memory flat under abuse. Applied after decompression too.
 READ_MAX_BYTES = 64 * 1024
 DEV_SECRET_FILE = "dev-session-secret"  # noqa: S105 (a file name, not a secret)
+CODECS: tuple[Codec[Any, Any], ...] = (proto_binary_codec(), DepthLimitedJSONCodec())
 PUBLIC_PROCEDURES = frozenset(
     {
         "/expense.auth.v1.AuthService/SignIn",
@@ -64,17 +79,26 @@ PUBLIC_PROCEDURES = frozenset(
 )
 
 
+class _Limits(TypedDict):
+    """What every Connect application is built with."""
+
+    read_max_bytes: int
+    codecs: Sequence[Codec[Any, Any]]
+
+
 class SchemaNotReady(Exception):
     """The database needs `expense-auth migrate` before the service can start."""
 
 
 @dataclass(frozen=True, slots=True)
 class App:
-    """The ASGI application and the parts a caller may need to steer."""
+    """The public ASGI application, the admin one, and parts a caller may need."""
 
     asgi: ASGIApp
-    health: HealthState
+    admin: ASGIApp
     store: SQLiteStore
+    readiness: Readiness
+    metrics: Metrics
 
 
 def session_keys(config: Config) -> list[str]:
@@ -119,7 +143,8 @@ def create_app(
     config: Config,
     *,
     clock: Clock | None = None,
-    identity: IdentityVerifier | None = None,
+    identity: IdTokenVerifier | None = None,
+    shutdown_marker: Path | None = None,
 ) -> App:
     """Build the whole service from its configuration.
 
@@ -128,6 +153,8 @@ def create_app(
         clock: The time source; tests pass a controllable one.
         identity: The ID token verifier; by default Google's (and the development
             issuer's when enabled), built from `config`.
+        shutdown_marker: A file whose existence means shutdown has begun (readiness
+            turns false); `expense-auth serve` creates it on SIGTERM.
 
     Raises:
         SchemaNotReady: The database has pending migrations.
@@ -145,38 +172,49 @@ def create_app(
         max_age_ms=config.session_max_age_seconds * 1000,
     )
     sessions = Sessions(store, clock=clock, policy=policy)
+    signer = CookieSigner(keys)
     cookies = SessionCookies(
-        CookieSigner(keys),
-        secure=config.session_secure_cookie,
-        max_age_s=config.session_max_age_seconds,
+        signer, secure=config.session_secure_cookie, max_age_s=config.session_max_age_seconds
     )
     dev = DevIssuer.load_or_create(config.data_dir) if config.dev_identity else None
     verifier = identity or build_verifier(config, clock=clock, dev=dev)
     warm_up()
-    health = HealthState()
-
     throttle = Throttle(
         config.rate_limit_storage_url,
         {name: getattr(config, f"rate_limit_{name}") for name in POLICIES},
     )
+    audit_log = Audit(store, clock=clock)
+    readiness = Readiness(store, verifier, shutdown_marker=shutdown_marker)
+    metrics = Metrics()
+    metrics.add_scrape_time(
+        ScrapeTime(
+            live_sessions=lambda: store.count_live_sessions(
+                now_ms=clock.now_ms(), idle_cutoff_ms=clock.now_ms() - policy.idle_ms
+            ),
+            old_key_verifications=lambda: signer.old_key_verifications,
+        )
+    )
 
     # The interceptor order, written once, first = outermost. All but Deadline
     # are metadata interceptors, so they run before the request body is read.
+    otel = telemetry.interceptor()
     edge: Sequence[Interceptor] = (
+        *([otel] if otel is not None else []),
         ErrorBoundary(),
         ClientAddress(config.trusted_proxies),
         RequestLogger(),
+        MetricsRecorder(metrics),
     )
     authenticated: Sequence[Interceptor] = (
         *edge,
         BrowserGuard(config.cors_allowed_origin),
         NetworkRateLimit(throttle, session_cookie=cookies.name),
         SessionInterceptor(sessions, cookies, public=PUBLIC_PROCEDURES),
-        PrincipalRateLimit(throttle, public=PUBLIC_PROCEDURES),
+        PrincipalRateLimit(throttle, public=PUBLIC_PROCEDURES, audit_log=audit_log),
         Deadline(config.request_timeout_seconds),
     )
+    admin_chain: Sequence[Interceptor] = (*edge, AdminAuth(_secret(config.admin_token)))
 
-    audit_log = Audit(store, clock=clock)
     auth = AuthService(
         sessions=sessions,
         verifier=verifier,
@@ -195,34 +233,94 @@ def create_app(
         cookies=cookies,
         page_tokens=PageTokens(keys, name="ListSecurityEvents"),
         throttle=throttle,
+        audit_log=audit_log,
         clock=clock,
     )
-    services = [auth_pb.desc(), user_pb.desc(), health_pb.desc()]
-    health_service = HealthService(
-        health,
+    health = HealthService(
+        readiness,
         services=[
             "expense.auth.v1.AuthService",
             "expense.user.v1.UserService",
             "grpc.health.v1.Health",
         ],
     )
-    apps = [
-        AuthServiceASGIApplication(auth, interceptors=authenticated, read_max_bytes=READ_MAX_BYTES),
-        UserServiceASGIApplication(user, interceptors=authenticated, read_max_bytes=READ_MAX_BYTES),
-        HealthASGIApplication(health_service, interceptors=edge, read_max_bytes=READ_MAX_BYTES),
+    files = [auth_pb.desc(), user_pb.desc(), health_pb.desc()]
+    limits = _Limits(read_max_bytes=READ_MAX_BYTES, codecs=CODECS)
+    public_apps = [
+        AuthServiceASGIApplication(auth, interceptors=authenticated, **limits),
+        UserServiceASGIApplication(user, interceptors=authenticated, **limits),
+        HealthASGIApplication(health, interceptors=edge, **limits),
         ServerReflectionASGIApplication(
-            ServerReflectionService(*services), interceptors=edge, read_max_bytes=READ_MAX_BYTES
+            ServerReflectionService(*files), interceptors=edge, **limits
         ),
         ServerReflectionAlphaASGIApplication(
-            ServerReflectionAlphaService(*services),
-            interceptors=edge,
-            read_max_bytes=READ_MAX_BYTES,
+            ServerReflectionAlphaService(*files), interceptors=edge, **limits
         ),
     ]
-    get_routes: dict[str, JSONHandler] = {}
+    routes: dict[str, Route] = {"/healthz": healthz, "/readyz": readiness.readyz}
     if dev is not None:
-        dev_certs = dev.certs()
-        get_routes["/dev/certs"] = lambda: (200, dev_certs, {"cache-control": "max-age=300"})
-    router = Router(apps, get_routes=get_routes, on_shutdown=store.close)
-    asgi = with_edge(router, allowed_origins=config.cors_allowed_origin, https=config.https)
-    return App(asgi=asgi, health=health, store=store)
+        certs = PlainResponse.json(200, dev.certs())
+        routes["/dev/certs"] = lambda: _constant(certs)
+
+    jobs = _jobs(config, store, clock)
+    public = Router(
+        public_apps,
+        get_routes=routes,
+        on_startup=[job.start for job in jobs],
+        on_shutdown=[*(job.stop for job in jobs), _closer(store)],
+    )
+    admin_service = AdminService(
+        admin=Admin(store, clock=clock, audit_log=audit_log),
+        page_tokens=PageTokens(keys, name="ListUsers"),
+    )
+    admin = Router(
+        [AdminServiceASGIApplication(admin_service, interceptors=admin_chain, **limits)],
+        get_routes={"/metrics": metrics.endpoint, "/healthz": healthz},
+    )
+    return App(
+        asgi=with_edge(public, allowed_origins=config.cors_allowed_origin, https=config.https),
+        admin=with_edge(admin, allowed_origins=(), https=False),
+        store=store,
+        readiness=readiness,
+        metrics=metrics,
+    )
+
+
+def _jobs(config: Config, store: SQLiteStore, clock: Clock) -> list[Periodic]:
+    retention = Retention(
+        store,
+        clock=clock,
+        policy=RetentionPolicy(
+            session_days=config.retention_session_days,
+            audit_days=config.retention_audit_days,
+            full_ip_days=config.retention_full_ip_days,
+        ),
+    )
+    jobs = [retention_job(retention, interval_s=config.retention_interval_seconds)]
+    if config.backup_dir is not None:
+        jobs.append(
+            backup_job(
+                config.sqlite_path,
+                config.backup_dir,
+                keep=config.backup_keep,
+                interval_s=config.backup_interval_seconds,
+                before=store.checkpoint,
+            )
+        )
+    return jobs
+
+
+def _closer(store: SQLiteStore) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:
+        store.checkpoint()
+        store.close()
+
+    return close
+
+
+async def _constant(response: PlainResponse) -> PlainResponse:
+    return response
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None

@@ -1,16 +1,24 @@
-"""The module pyvoy imports in its Envoy process: `server.asgi:app`.
+"""The module pyvoy imports in its Envoy process: `server.asgi:app` and `:admin_app`.
 
-pyvoy needs a module attribute (not a factory or an object), so the app is
+pyvoy needs module attributes (not a factory or an object), so the apps are
 built at import from the environment, which `expense-auth serve` has checked.
+Both listeners share one process, so they share the store and the metrics.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from server import logs
 from server.app import create_app
 from server.config import load_config
+from server.readiness import SHUTDOWN_MARKER_ENV
 from server.receive_fix import ReceiveAfterBodyFix
 
 config = load_config()
 logs.configure(production=config.production, level=config.log_level)
-app = ReceiveAfterBodyFix(create_app(config).asgi)
+_marker = os.environ.get(SHUTDOWN_MARKER_ENV)
+_built = create_app(config, shutdown_marker=Path(_marker) if _marker else None)
+app = ReceiveAfterBodyFix(_built.asgi)
+admin_app = ReceiveAfterBodyFix(_built.admin)

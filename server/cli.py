@@ -1,21 +1,28 @@
-"""`expense-auth`: serve, migrate, and mint development tokens."""
+"""`expense-auth`: serve, migrate, purge, back up and restore, mint development tokens."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from server import logs
 from server.config import Config, ConfigError, load_config
+from server.domain.clock import SystemClock
+from server.domain.retention import Retention, RetentionPolicy
 from server.identity.dev_issuer import DEV_AUDIENCE, DevIssuer
-from server.storage.sqlite import SchemaTooNew, migrate
+from server.readiness import SHUTDOWN_MARKER_ENV
+from server.storage.backup import BackupError, backup, restore
+from server.storage.sqlite import SchemaTooNew, SQLiteStore, check_schema, migrate
 
 log = logging.getLogger("expense_auth.cli")
 
 APP_REF = "server.asgi:app"
+ADMIN_APP_REF = "server.asgi:admin_app"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,9 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port; 0 picks a free one")
     serve.add_argument(
-        "--app",
-        default=APP_REF,
-        help=f"the ASGI app as module:attribute (default {APP_REF})",
+        "--app", default=APP_REF, help=f"the ASGI app as module:attribute (default {APP_REF})"
+    )
+    serve.add_argument(
+        "--admin-app",
+        default=None,
+        help="the admin ASGI app (default: `admin_app` in the --app module)",
+    )
+    serve.add_argument(
+        "--no-admin", action="store_true", help="do not open the admin listener at all"
     )
     serve.add_argument(
         "--no-migrate",
@@ -44,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser("migrate", help="apply pending database migrations")
+    commands.add_parser("purge", help="apply the retention windows now (the server does it hourly)")
+    backup_cmd = commands.add_parser(
+        "backup", help="take an online, verified backup (to a file, or a dated file in a directory)"
+    )
+    backup_cmd.add_argument("dest", type=Path)
+    restore_cmd = commands.add_parser(
+        "restore",
+        help="replace the database with a backup, keeping later account deletions (server stopped)",
+    )
+    restore_cmd.add_argument("src", type=Path)
 
     token = commands.add_parser(
         "dev-token",
@@ -80,6 +103,72 @@ def _dev_token(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _purge(config: Config) -> int:
+    if check_schema(config.sqlite_path):
+        print("expense-auth: run `expense-auth migrate` first", file=sys.stderr)
+        return 2
+    store = SQLiteStore(config.sqlite_path)
+    policy = RetentionPolicy(
+        session_days=config.retention_session_days,
+        audit_days=config.retention_audit_days,
+        full_ip_days=config.retention_full_ip_days,
+    )
+    try:
+        counts = asyncio.run(Retention(store, clock=SystemClock(), policy=policy).run())
+    finally:
+        store.close()
+    print(" ".join(f"{kind}={count}" for kind, count in counts.items()))
+    return 0
+
+
+def _backup(config: Config, dest: Path) -> int:
+    path = backup(config.sqlite_path, dest)
+    print(f"{path}: integrity ok")
+    return 0
+
+
+def _restore(config: Config, src: Path) -> int:
+    reapplied = restore(src, config.sqlite_path)
+    print(f"restored {src}; account deletions re-applied: {reapplied}")
+    _migrate(config)  # an older backup may predate migrations
+    return 0
+
+
+def _serve(config: Config, args: argparse.Namespace) -> int:
+    from server.serve import AdminListener, serve
+
+    if not args.no_migrate:
+        _migrate(config)
+    admin = None
+    if not args.no_admin:
+        module = args.app.partition(":")[0]
+        admin = AdminListener(
+            app=args.admin_app or f"{module}:admin_app",
+            host=config.admin_host,
+            port=config.admin_port,
+        )
+    run_dir = config.data_dir / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker = run_dir / f"shutdown-{os.getpid()}"
+    marker.unlink(missing_ok=True)
+    try:
+        return asyncio.run(
+            serve(
+                args.app,
+                host=args.host,
+                port=args.port,
+                env={SHUTDOWN_MARKER_ENV: str(marker.resolve())},
+                drain_seconds=config.drain_seconds,
+                tls_cert_file=config.tls_cert_file,
+                tls_key_file=config.tls_key_file,
+                admin=admin,
+                shutdown_marker=marker,
+            )
+        )
+    finally:
+        marker.unlink(missing_ok=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     args = _parser().parse_args(argv)
@@ -90,27 +179,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logs.configure(production=config.production, level=config.log_level)
     try:
-        if args.command == "migrate":
-            _migrate(config)
-            return 0
-        if args.command == "dev-token":
-            return _dev_token(config, args)
-        if not args.no_migrate:
-            _migrate(config)
-        from server.serve import serve
-
-        return asyncio.run(
-            serve(
-                args.app,
-                host=args.host,
-                port=args.port,
-                tls_cert_file=config.tls_cert_file,
-                tls_key_file=config.tls_key_file,
-            )
-        )
+        match args.command:
+            case "migrate":
+                _migrate(config)
+                return 0
+            case "dev-token":
+                return _dev_token(config, args)
+            case "purge":
+                return _purge(config)
+            case "backup":
+                return _backup(config, args.dest)
+            case "restore":
+                return _restore(config, args.src)
+            case _:
+                return _serve(config, args)
     except SchemaTooNew as exc:
         print(f"expense-auth: {exc}; upgrade expense-auth", file=sys.stderr)
         return 2
+    except BackupError as exc:
+        print(f"expense-auth: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

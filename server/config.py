@@ -89,7 +89,14 @@ class Config(BaseModel):
     retention_session_days: int = Field(default=30, ge=1)
     retention_audit_days: int = Field(default=365, ge=1)
     retention_full_ip_days: int = Field(default=30, ge=1)
-    retention_interval_seconds: int = Field(default=3600, ge=60)
+    retention_interval_seconds: int = Field(default=3600, ge=1)
+    backup_dir: Path | None = None
+    backup_interval_seconds: int = Field(default=24 * 3600, ge=1)
+    backup_keep: int = Field(default=7, ge=1)
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(default=8081, ge=0, le=65535)
+    admin_token: SecretStr | None = None
+    drain_seconds: float = Field(default=10.0, ge=0, le=600)
 
     @field_validator("google_client_id", "cors_allowed_origin", "trusted_proxies", mode="before")
     @classmethod
@@ -163,6 +170,12 @@ class Config(BaseModel):
         ):
             if path is not None and not path.is_file():
                 problems.append(f"{name}: no such file: {str(path)!r}")
+        token = self.admin_token.get_secret_value() if self.admin_token else ""
+        if token and len(token.encode()) < MIN_SECRET_BYTES:
+            problems.append(
+                f"ADMIN_TOKEN: must be at least {MIN_SECRET_BYTES} bytes; "
+                f"generate one with: {_KEYGEN_HINT}"
+            )
         if self.session_max_age_seconds < self.session_idle_timeout_seconds:
             problems.append(
                 "SESSION_MAX_AGE_SECONDS: must be at least SESSION_IDLE_TIMEOUT_SECONDS "
@@ -285,6 +298,6 @@ def _describe(exc: ValidationError) -> list[str]:
             problems.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
             continue
         value = error.get("input")
-        shown = "<secret>" if name == "SESSION_SECRET_KEY" else repr(value)
+        shown = "<secret>" if name in ("SESSION_SECRET_KEY", "ADMIN_TOKEN") else repr(value)
         problems.append(f"{name}: {error['msg']}, got {shown}")
     return problems

@@ -6,7 +6,9 @@ gRPC errors, preflights, 404s and health checks alike.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection
+from urllib.parse import quote
 
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,14 +38,16 @@ CORS_EXPOSE_HEADERS = (
 CORS_MAX_AGE_S = 7200  # Chromium caps preflight caching at 2 hours.
 HSTS = "max-age=31536000; includeSubDomains"
 
-_BASE_HEADERS: tuple[tuple[bytes, bytes], ...] = (
-    (b"cache-control", b"no-store"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"cross-origin-resource-policy", b"same-site"),
+SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
+    ("cache-control", "no-store"),
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("content-security-policy", "default-src 'none'; frame-ancestors 'none'"),
+    ("referrer-policy", "no-referrer"),
+    ("cross-origin-resource-policy", "same-site"),
+    ("vary", "Origin"),
 )
+_BASE_HEADERS = tuple((k.encode(), v.encode()) for k, v in SECURITY_HEADERS if k != "vary")
 
 
 class SecurityHeaders:
@@ -75,10 +79,62 @@ class SecurityHeaders:
         await self._app(scope, receive, send_with_headers)
 
 
+class HeaderEncodingCheck:
+    """Refuses requests whose header values are not UTF-8.
+
+    connectrpc decodes every header value as UTF-8 before any interceptor runs,
+    so one stray byte (in a User-Agent, say) would otherwise become an `unknown`
+    error quoting Python's exception. Header values are ASCII by the Connect and
+    gRPC specifications; UTF-8 is tolerated.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry point."""
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", ()):
+                if not value.isascii():
+                    try:
+                        value.decode()
+                    except UnicodeDecodeError:
+                        await _refuse(scope, send, name.decode("latin-1"))
+                        return
+        await self._app(scope, receive, send)
+
+
+async def _refuse(scope: Scope, send: Send, header: str) -> None:
+    message = f"the value of header {header[:60]!r} is not valid UTF-8"
+    content_type = next(
+        (v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"content-type"), ""
+    )
+    if content_type.startswith("application/grpc"):
+        # A trailers-only gRPC answer: HTTP 200 with the status in the headers.
+        headers = [
+            (b"content-type", content_type.encode("latin-1")),
+            (b"grpc-status", b"3"),
+            (b"grpc-message", quote(message).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    body = json.dumps({"code": "invalid_argument", "message": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 def with_edge(app: ASGIApp, *, allowed_origins: Collection[str], https: bool) -> ASGIApp:
-    """The app behind CORS (exact-origin allowlist, credentials) and security headers."""
+    """The app behind header checks, CORS (exact-origin allowlist, credentials) and
+    security headers (outermost, so that every response carries them)."""
     cors = CORSMiddleware(
-        app,
+        HeaderEncodingCheck(app),
         allow_origins=list(allowed_origins),
         allow_credentials=True,
         allow_methods=["GET", "POST"],

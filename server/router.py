@@ -2,21 +2,42 @@
 
 Connect, gRPC-Web and gRPC share URL paths (`/package.Service/Method`), so one
 dictionary lookup on the service segment finds the application for all three
-protocols. A few plain HTTP routes (GET only) sit beside them.
+protocols. A few plain HTTP routes (GET only: probes, metrics) sit beside them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("expense_auth.http")
 
-JSONHandler = Callable[[], tuple[int, Mapping[str, Any], Mapping[str, str]]]
+
+@dataclass(frozen=True, slots=True)
+class PlainResponse:
+    """A complete, small HTTP response."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def json(
+        cls, status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
+    ) -> PlainResponse:
+        """A JSON response."""
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        return cls(status=status, body=payload, headers=headers or {})
+
+
+Route = Callable[[], Awaitable[PlainResponse]]
+Hook = Callable[[], Awaitable[None]]
 
 
 class MountedApp(Protocol):
@@ -32,30 +53,32 @@ class MountedApp(Protocol):
         ...
 
 
-async def send_json(
-    send: Send, status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
-) -> None:
-    """A complete JSON response."""
-    payload = json.dumps(body, separators=(",", ":")).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": payload})
+async def send_plain(send: Send, response: PlainResponse) -> None:
+    """Write a PlainResponse."""
+    raw = [
+        (b"content-type", response.content_type.encode()),
+        (b"content-length", str(len(response.body)).encode()),
+    ]
+    raw += [(k.encode(), v.encode()) for k, v in response.headers.items()]
+    await send({"type": "http.response.start", "status": response.status, "headers": raw})
+    await send({"type": "http.response.body", "body": response.body})
 
 
 class Router:
-    """Dispatches by service path; handles lifespan for the whole server."""
+    """Dispatches by service path; runs start-up and shut-down hooks on lifespan."""
 
     def __init__(
         self,
         apps: Iterable[MountedApp],
         *,
-        get_routes: Mapping[str, JSONHandler] | None = None,
-        on_shutdown: Callable[[], None] | None = None,
+        get_routes: Mapping[str, Route] | None = None,
+        on_startup: Iterable[Hook] = (),
+        on_shutdown: Iterable[Hook] = (),
     ) -> None:
         self._apps: dict[str, MountedApp] = {app.path: app for app in apps}
         self._get_routes = dict(get_routes or {})
-        self._on_shutdown = on_shutdown
+        self._on_startup = list(on_startup)
+        self._on_shutdown = list(on_shutdown)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI entry point."""
@@ -67,15 +90,16 @@ class Router:
             if app is not None:
                 await app(scope, receive, send)
                 return
-            handler = self._get_routes.get(path)
-            if handler is not None and scope["method"] in ("GET", "HEAD"):
-                status, body, headers = handler()
-                await send_json(send, status, body, headers)
+            route = self._get_routes.get(path)
+            if route is not None and scope["method"] in ("GET", "HEAD"):
+                await send_plain(send, await route())
                 return
-            await send_json(
+            await send_plain(
                 send,
-                404,
-                {"code": "not_found", "message": f"no such procedure or route: {path[:200]}"},
+                PlainResponse.json(
+                    404,
+                    {"code": "not_found", "message": f"no such procedure or route: {path[:200]}"},
+                ),
             )
         elif kind == "lifespan":
             await self._lifespan(receive, send)
@@ -86,9 +110,14 @@ class Router:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                for hook in self._on_startup:
+                    await hook()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self._on_shutdown is not None:
-                    self._on_shutdown()
+                for hook in self._on_shutdown:
+                    try:
+                        await hook()
+                    except Exception:
+                        log.exception("shutdown step failed")
                 await send({"type": "lifespan.shutdown.complete"})
                 return

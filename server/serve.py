@@ -21,15 +21,20 @@ hypercorn's throughput here. These defaults are changed:
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
 import logging
 import signal
 import time
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pyvoy import PyvoyServer
+
+from server.middleware import SECURITY_HEADERS
 
 log = logging.getLogger("expense_auth.serve")
 
@@ -42,12 +47,94 @@ DRAIN_SECONDS = 10.0
 # buffer and parse. Beyond it Envoy answers 431 on HTTP/1.1 and resets the
 # stream (INTERNAL_ERROR) on HTTP/2; the app never sees the request.
 MAX_REQUEST_HEADERS_KB = 16
+ADMIN_LISTENER = "admin_listener"
 
 _HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
 
 
+@dataclass(frozen=True, slots=True)
+class AdminListener:
+    """The admin API's own listener: another app in the same process, another port."""
+
+    app: str
+    host: str
+    port: int
+
+
+# pyvoy decodes the request path as UTF-8 before the app runs; a percent-escaped
+# byte that is not UTF-8 (`/x%FF`) made it fail without an answer. No path of this
+# API has escaped bytes >= 0x80, so Envoy refuses them with a clear 400 first.
+_NON_ASCII_ESCAPE = ".*%[89a-fA-F][0-9a-fA-F].*"
+_BAD_PATH_BODY = (
+    '{"code":"invalid_argument","message":"the request path has a percent-escaped '
+    'byte that is not ASCII; no procedure of this API has one"}'
+)
+_PATH_GUARD = {
+    "name": "envoy.filters.http.rbac",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+        "rules": {
+            "action": "DENY",
+            "policies": {
+                "non-ascii-path-escape": {
+                    "permissions": [
+                        {"url_path": {"path": {"safe_regex": {"regex": _NON_ASCII_ESCAPE}}}}
+                    ],
+                    "principals": [{"any": True}],
+                }
+            },
+        },
+    },
+}
+_PATH_GUARD_REPLY = {
+    "mappers": [
+        {
+            # RBAC's 403 for exactly these paths (the app never sees them).
+            "filter": {
+                "and_filter": {
+                    "filters": [
+                        {
+                            "status_code_filter": {
+                                "comparison": {
+                                    "op": "EQ",
+                                    "value": {"default_value": 403, "runtime_key": "unused"},
+                                }
+                            }
+                        },
+                        {
+                            "header_filter": {
+                                "header": {
+                                    "name": ":path",
+                                    "string_match": {"safe_regex": {"regex": _NON_ASCII_ESCAPE}},
+                                }
+                            }
+                        },
+                    ]
+                }
+            },
+            "status_code": 400,
+            "body": {"inline_string": _BAD_PATH_BODY},
+            "headers_to_add": [
+                {
+                    "header": {"key": name, "value": value},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+                for name, value in SECURITY_HEADERS
+            ],
+            "body_format_override": {
+                "text_format": "%LOCAL_REPLY_BODY%",
+                "content_type": "application/json",
+            },
+        }
+    ]
+}
+
+
 class _Server(PyvoyServer):
-    def __init__(self, *args: Any, tls: bool, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, tls: bool, admin: AdminListener | None = None, **kwargs: Any
+    ) -> None:
+        self._admin_listener = admin
         super().__init__(*args, **kwargs)
         self._tls = tls
 
@@ -62,14 +149,51 @@ class _Server(PyvoyServer):
                 names = [listener["name"] for listener in listeners]
                 raise RuntimeError(f"expected one TLS-only Envoy listener, got {names}")
         for listener in listeners:
-            for chain in listener.get("filter_chains", []):
-                for network_filter in chain.get("filters", []):
-                    if network_filter["name"] == _HTTP_CONNECTION_MANAGER:
-                        manager = network_filter["typed_config"]
-                        manager["use_remote_address"] = True
-                        manager["skip_xff_append"] = True
-                        manager["max_request_headers_kb"] = MAX_REQUEST_HEADERS_KB
+            for manager in _managers(listener):
+                manager["use_remote_address"] = True
+                manager["skip_xff_append"] = True
+                manager["max_request_headers_kb"] = MAX_REQUEST_HEADERS_KB
+                manager["http_filters"].insert(0, copy.deepcopy(_PATH_GUARD))
+                manager["local_reply_config"] = copy.deepcopy(_PATH_GUARD_REPLY)
+        if self._admin_listener is not None:
+            listeners.append(_admin_listener(listeners[0], self._admin_listener))
         return config
+
+
+def _managers(listener: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        network_filter["typed_config"]
+        for chain in listener.get("filter_chains", [])
+        for network_filter in chain.get("filters", [])
+        if network_filter["name"] == _HTTP_CONNECTION_MANAGER
+    ]
+
+
+def _admin_listener(public: dict[str, Any], admin: AdminListener) -> dict[str, Any]:
+    """A copy of the public listener, plaintext, on the admin address, serving `admin.app`."""
+    listener = copy.deepcopy(public)
+    listener["name"] = ADMIN_LISTENER
+    listener["address"] = {"socket_address": {"address": admin.host, "port_value": admin.port}}
+    for chain in listener["filter_chains"]:
+        chain.pop("transport_socket", None)
+    for manager in _managers(listener):
+        manager["stat_prefix"] = "admin_http"
+        for http_filter in manager["http_filters"]:
+            if http_filter["name"] == "pyvoy":
+                holder = http_filter["typed_config"]["filter_config"]
+                settings = json.loads(holder["value"])
+                settings["app"] = admin.app
+                holder["value"] = json.dumps(settings)
+    return listener
+
+
+def _listener_port(server: PyvoyServer, name: str) -> int:
+    listeners = json.loads(_admin(server, "/listeners?format=json"))
+    for status in listeners["listener_statuses"]:
+        if status["name"] == name:
+            port: int = status["local_address"]["socket_address"]["port_value"]
+            return port
+    raise RuntimeError(f"Envoy has no listener {name!r}")
 
 
 def _admin(server: PyvoyServer, path: str, method: str = "GET") -> str:
@@ -108,10 +232,17 @@ async def serve(
     drain_seconds: float = DRAIN_SECONDS,
     tls_cert_file: Path | None = None,
     tls_key_file: Path | None = None,
+    admin: AdminListener | None = None,
+    shutdown_marker: Path | None = None,
+    ready_grace_seconds: float = 1.0,
 ) -> int:
     """Serve `app` ("module:attr") until SIGTERM/SIGINT; returns the exit code.
 
     The Envoy process inherits this process's environment; `env` adds to it.
+    On SIGTERM/SIGINT: `shutdown_marker` is created (readiness turns false), the
+    listeners stop accepting after `ready_grace_seconds`, in-flight calls get up
+    to `drain_seconds`, then Envoy stops (the app checkpoints and closes its
+    database on the way out).
     With `tls_cert_file` and `tls_key_file` (PEM; the certificate file may hold
     the chain) the port serves HTTPS only.
     """
@@ -142,6 +273,7 @@ async def serve(
         lifespan=True,
         additional_envoy_args=["--drain-time-s", "1", "--drain-strategy", "immediate"],
         tls=bool(tls),
+        admin=admin,
         **tls,
     )
     await server.start()
@@ -155,6 +287,12 @@ async def serve(
             + ("(HTTPS: HTTP/2 and HTTP/1.1 by ALPN)" if tls else "(HTTP/1.1 and h2c)"),
         },
     )
+    if admin is not None:
+        admin_port = await asyncio.to_thread(_listener_port, server, ADMIN_LISTENER)
+        log.info(
+            "admin",
+            extra={"address": f"http://{admin.host}:{admin_port}", "admin_port": admin_port},
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -167,6 +305,9 @@ async def serve(
         log.error("the server process exited unexpectedly")
         return 1
     log.info("shutting down", extra={"drain_seconds": drain_seconds})
+    if shutdown_marker is not None:
+        await asyncio.to_thread(shutdown_marker.touch)
+        await asyncio.sleep(ready_grace_seconds)  # let load balancers see not-ready
     await _drain(server, drain_seconds)
     await server.stop()
     waiter.cancel()

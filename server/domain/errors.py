@@ -6,6 +6,11 @@ anything else that escapes a handler is a bug and becomes `internal`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.domain.models import Identity
+
 
 class DomainError(Exception):
     """Base of every error the domain raises on purpose.
@@ -49,6 +54,19 @@ class InvalidIdToken(Unauthenticated):
 
 class PermissionDenied(DomainError):
     """The caller is known but not allowed to do this."""
+
+
+class EmailNotVerified(PermissionDenied):
+    """A valid ID token whose account's email is unverified, where that is required.
+
+    Attributes:
+        identity: The verified identity (so the refusal can be put on its record).
+    """
+
+    def __init__(self, message: str, *, identity: Identity) -> None:
+        super().__init__(message)
+        self.identity = identity
+        self.reason = "email_not_verified"
 
 
 class NotFound(DomainError):

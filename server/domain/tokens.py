@@ -41,10 +41,14 @@ class CookieSigner:
         if not keys_oldest_first:
             raise ValueError("at least one session key is required")
         self._signer = Signer(
-            list(keys_oldest_first),
-            salt=SESSION_SALT,
-            digest_method=hashlib.sha256,
+            list(keys_oldest_first), salt=SESSION_SALT, digest_method=hashlib.sha256
         )
+        # Verified first and alone, so that a cookie needing an older key is noticed.
+        self._newest = Signer(
+            [keys_oldest_first[-1]], salt=SESSION_SALT, digest_method=hashlib.sha256
+        )
+        self._rotating = len(keys_oldest_first) > 1
+        self.old_key_verifications = 0
 
     def sign(self, secret: str) -> str:
         """The cookie value for `secret`, signed with the newest key."""
@@ -55,6 +59,13 @@ class CookieSigner:
         if not value or len(value) > MAX_COOKIE_VALUE:
             return None
         try:
-            return self._signer.unsign(value).decode()
+            return self._newest.unsign(value).decode()
+        except (BadSignature, UnicodeError):
+            if not self._rotating:
+                return None
+        try:
+            secret = self._signer.unsign(value).decode()
         except (BadSignature, UnicodeError):
             return None
+        self.old_key_verifications += 1
+        return secret

@@ -44,6 +44,10 @@ class CertsSource(Protocol):
         """The known certs; makes an effort to include `key_id` when given."""
         ...
 
+    async def available(self) -> bool:
+        """Whether any key is at hand (fetching once if needed)."""
+        ...
+
 
 class StaticCerts:
     """Certificates known up front (the development issuer's own key)."""
@@ -54,6 +58,10 @@ class StaticCerts:
     async def certs(self, key_id: str | None) -> Mapping[str, str]:
         """The fixed certificates."""
         return self._certs
+
+    async def available(self) -> bool:
+        """Always: the keys are local."""
+        return bool(self._certs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +124,16 @@ class HttpCerts:
             self._certs = fetched.certs
             self._fresh_until_ms = self._clock.now_ms() + fetched.max_age_s * 1000
             return self._certs
+
+    async def available(self) -> bool:
+        """Whether keys are cached, fetching them if none are (for readiness)."""
+        if self._certs is not None:
+            return True
+        try:
+            await self.certs(None)
+        except Unavailable:
+            return False
+        return True
 
     def _usable(self, key_id: str | None) -> bool:
         if self._certs is None or self._clock.now_ms() >= self._fresh_until_ms:

@@ -18,7 +18,7 @@ from typing import Any
 import google.auth.exceptions
 import google.auth.jwt
 
-from server.domain.errors import InvalidArgument, InvalidIdToken, PermissionDenied
+from server.domain.errors import EmailNotVerified, InvalidArgument, InvalidIdToken
 from server.domain.models import Identity
 from server.domain.preferences import clean_locale
 from server.identity.certs import CertsSource
@@ -48,6 +48,13 @@ class IdTokenVerifier:
         self._issuers = dict(issuers)
         self._skew = clock_skew_s
         self._require_verified_email = require_verified_email
+
+    async def keys_available(self) -> bool:
+        """Whether some accepted issuer's keys are at hand (readiness)."""
+        for source in {id(s): s for s in self._issuers.values()}.values():
+            if await source.available():
+                return True
+        return False
 
     async def verify(self, token: str) -> Identity:
         """The identity in a valid token.
@@ -111,14 +118,9 @@ class IdTokenVerifier:
         email = claims.get("email")
         email = email if isinstance(email, str) and len(email) <= 320 else ""
         verified = claims.get("email_verified") in (True, "true")
-        if self._require_verified_email and not (email and verified):
-            raise PermissionDenied(
-                "the Google account's email address is not verified; verify it with Google "
-                "and sign in again"
-            )
         expires = claims.get("exp")
         issued = claims.get("iat")
-        return Identity(
+        identity = Identity(
             issuer=CANONICAL_GOOGLE_ISSUER if issuer in GOOGLE_ISSUERS else issuer,
             subject=subject,
             email=email,
@@ -131,6 +133,13 @@ class IdTokenVerifier:
             token_expire_ms=(int(expires) + self._skew) * 1000 if isinstance(expires, int) else 0,
             issued_ms=int(issued) * 1000 if isinstance(issued, int) else 0,
         )
+        if self._require_verified_email and not (email and verified):
+            raise EmailNotVerified(
+                "the Google account's email address is not verified; verify it with Google "
+                "and sign in again",
+                identity=identity,
+            )
+        return identity
 
 
 def _peek(token: str) -> tuple[Mapping[str, Any], Mapping[str, Any]]:

@@ -34,7 +34,7 @@ from server.domain.audit import (
     Audit,
     Origin,
 )
-from server.domain.errors import DomainError, RateLimited, Unauthenticated
+from server.domain.errors import DomainError, EmailNotVerified, RateLimited, Unauthenticated
 from server.domain.models import Identity
 from server.domain.sessions import Sessions
 from server.domain.throttle import SIGNIN_PER_SUBJECT, Throttle
@@ -106,6 +106,10 @@ class AuthService(auth_connect.AuthService):
         except Unauthenticated as exc:
             # No account is known yet: an event for operators, shown to no user.
             await self._audit.record(SIGN_IN_FAILED, user_id=None, origin=origin, reason=exc.reason)
+            raise
+        except EmailNotVerified as exc:
+            # The token is genuine, so the refusal belongs to that account's history.
+            await self._sign_in_refused(exc.identity, origin, exc)
             raise
         try:
             used_nonce = self._nonces.check(identity.nonce, ctx.request_headers.getall("cookie"))

@@ -1,4 +1,8 @@
-"""grpc.health.v1.Health: the standard health protocol for load balancers and grpcurl."""
+"""grpc.health.v1.Health: the standard health protocol for load balancers and grpcurl.
+
+It reports the same readiness as `/readyz`: NOT_SERVING once shutdown begins or
+when the database or the ID-token keys are unavailable.
+"""
 
 from __future__ import annotations
 
@@ -11,44 +15,23 @@ from connectrpc.request import RequestContext
 
 from gen.grpc.health.v1 import health_connect
 from gen.grpc.health.v1.health_pb import HealthCheckRequest, HealthCheckResponse
+from server.readiness import Readiness
 
 ServingStatus = HealthCheckResponse.ServingStatus
-
-
-class HealthState:
-    """Whether the server takes requests; flipped to not-serving when shutdown begins."""
-
-    def __init__(self) -> None:
-        self._serving = True
-        self._changed = asyncio.Event()
-
-    @property
-    def serving(self) -> bool:
-        """True until `set_serving(False)`."""
-        return self._serving
-
-    def set_serving(self, serving: bool) -> None:
-        """Change the status and wake every watcher."""
-        self._serving = serving
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def changed(self) -> None:
-        """Wait for the next change."""
-        await self._changed.wait()
+WATCH_INTERVAL_S = 1.0
 
 
 class HealthService(health_connect.Health):
     """Implements the generated `Health` protocol for the server and its services."""
 
-    def __init__(self, state: HealthState, *, services: Collection[str]) -> None:
-        self._state = state
+    def __init__(self, readiness: Readiness, *, services: Collection[str]) -> None:
+        self._readiness = readiness
         self._services = frozenset(services) | {""}
 
-    def _status(self, service: str) -> HealthCheckResponse.ServingStatus:
+    async def _status(self, service: str) -> HealthCheckResponse.ServingStatus:
         if service not in self._services:
             return ServingStatus.SERVICE_UNKNOWN
-        return ServingStatus.SERVING if self._state.serving else ServingStatus.NOT_SERVING
+        return ServingStatus.SERVING if await self._readiness.ready() else ServingStatus.NOT_SERVING
 
     async def check(
         self,
@@ -56,7 +39,7 @@ class HealthService(health_connect.Health):
         ctx: RequestContext[HealthCheckRequest, HealthCheckResponse],
     ) -> HealthCheckResponse:
         """The status now; `not_found` for a service this server does not have."""
-        status = self._status(request.service)
+        status = await self._status(request.service)
         if status == ServingStatus.SERVICE_UNKNOWN:
             raise ConnectError(Code.NOT_FOUND, f"unknown service {request.service[:100]!r}")
         return HealthCheckResponse(status=status)
@@ -67,11 +50,11 @@ class HealthService(health_connect.Health):
         ctx: RequestContext[HealthCheckRequest, HealthCheckResponse],
     ) -> AsyncIterator[HealthCheckResponse]:
         """The status now, then each change, until the client goes away."""
-        last = self._status(request.service)
+        last = await self._status(request.service)
         yield HealthCheckResponse(status=last)
         while True:
-            await self._state.changed()
-            status = self._status(request.service)
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            status = await self._status(request.service)
             if status != last:
                 last = status
                 yield HealthCheckResponse(status=status)

@@ -19,8 +19,9 @@ from gen.expense.user.v1.user_pb import (
 )
 from interceptors.session import current_principal
 from server.domain.accounts import Accounts
+from server.domain.audit import Audit
 from server.domain.clock import Clock
-from server.domain.errors import InvalidArgument
+from server.domain.errors import InvalidArgument, RateLimited
 from server.domain.preferences import EDITABLE_FIELDS
 from server.domain.throttle import EXPORT_PER_USER, Throttle
 from server.domain.users import Users
@@ -42,6 +43,7 @@ class UserService(user_connect.UserService):
         cookies: SessionCookies,
         page_tokens: PageTokens,
         throttle: Throttle,
+        audit_log: Audit,
         clock: Clock,
     ) -> None:
         self._users = users
@@ -50,6 +52,7 @@ class UserService(user_connect.UserService):
         self._cookies = cookies
         self._page_tokens = page_tokens
         self._throttle = throttle
+        self._audit = audit_log
         self._clock = clock
 
     async def get_current_user(
@@ -101,8 +104,17 @@ class UserService(user_connect.UserService):
     ) -> ExportCurrentUserDataResponse:
         """Everything stored about the caller."""
         principal = current_principal()
-        await self._throttle.hit(EXPORT_PER_USER, principal.user.id, what="too many data exports")
-        exported = await self._accounts.export(principal, origin_of(ctx))
+        origin = origin_of(ctx)
+        try:
+            await self._throttle.hit(
+                EXPORT_PER_USER, principal.user.id, what="too many data exports"
+            )
+        except RateLimited:
+            await self._audit.rate_limited(
+                user_id=principal.user.id, origin=origin, reason="export"
+            )
+            raise
+        exported = await self._accounts.export(principal, origin)
         return convert.export(exported, now_ms=self._clock.now_ms())
 
     async def list_security_events(

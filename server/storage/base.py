@@ -147,6 +147,14 @@ class Store(Protocol):
         """Apply the retention windows; returns counts per kind of row."""
         ...
 
+    async def probe(self) -> str:
+        """ "" when the store is reachable, writable and migrated; else the problem."""
+        ...
+
+    def checkpoint(self) -> None:
+        """Make the store's files self-contained (before backups and at shutdown)."""
+        ...
+
     def close(self) -> None:
         """Release the store's connections."""
         ...

@@ -520,6 +520,35 @@ class SQLiteStore:
                 reason="replayed",
             )
 
+    async def probe(self) -> str:
+        """ "" when the database is reachable, writable and fully migrated; else the problem."""
+        try:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            applied = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT name FROM _sqlite_migrations WHERE migration_set = ?",
+                    (migrations.name,),
+                )
+            }
+        except sqlite3.Error as exc:
+            return f"database unavailable: {exc}"
+        missing = [m.name for m in migrations._migrations if m.name not in applied]
+        return f"pending migrations: {', '.join(missing)}" if missing else ""
+
+    def count_live_sessions(self, *, now_ms: int, idle_cutoff_ms: int) -> int:
+        """How many sessions are live (for the active-sessions gauge)."""
+        row = self._conn.execute(
+            f"SELECT count(*) FROM sessions WHERE {_LIVE}", (now_ms, idle_cutoff_ms)
+        ).fetchone()
+        return int(row[0])
+
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log into the database file (at shutdown and before backups)."""
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def close(self) -> None:
         """Close every connection this store opened (call once, at shutdown)."""
         with self._lock:

@@ -8,10 +8,14 @@ from pathlib import Path
 from server import logs
 from server.app import create_app
 from server.config import load_config
+from server.readiness import SHUTDOWN_MARKER_ENV
 from server.receive_fix import ReceiveAfterBodyFix
 from tests.support.clock import FileClock
 
 config = load_config()
 logs.configure(production=config.production, level=config.log_level)
 clock = FileClock(Path(os.environ["TEST_CLOCK_FILE"]))
-app = ReceiveAfterBodyFix(create_app(config, clock=clock).asgi)
+_marker = os.environ.get(SHUTDOWN_MARKER_ENV)
+_built = create_app(config, clock=clock, shutdown_marker=Path(_marker) if _marker else None)
+app = ReceiveAfterBodyFix(_built.asgi)
+admin_app = ReceiveAfterBodyFix(_built.admin)

@@ -15,6 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 _SERVING = re.compile(r"serving address=(\S+) port=(\d+)")
+_ADMIN = re.compile(r"admin address=(\S+) admin_port=(\d+)")
 
 
 @dataclass
@@ -27,6 +28,7 @@ class RunningServer:
     data_dir: Path
     log_path: Path
     env: dict[str, str]
+    admin_url: str
 
     @property
     def address(self) -> str:
@@ -66,6 +68,7 @@ def start_server(
         "APP_ENV": "development",
         "DATA_DIR": str(data_dir),
         "LOG_LEVEL": "INFO",
+        "ADMIN_PORT": "0",
         "PYTHONPATH": str(REPO),
         **env,
     }
@@ -78,8 +81,9 @@ def start_server(
         )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        match = _SERVING.search(log_path.read_text(errors="replace"))
-        if match:
+        text = log_path.read_text(errors="replace")
+        match, admin = _SERVING.search(text), _ADMIN.search(text)
+        if match and admin:
             return RunningServer(
                 process=process,
                 url=match.group(1),
@@ -87,6 +91,7 @@ def start_server(
                 data_dir=data_dir,
                 log_path=log_path,
                 env=full_env,
+                admin_url=admin.group(1),
             )
         if process.poll() is not None:
             break

@@ -1,0 +1,39 @@
+"""RPC metrics: duration by procedure and code, sign-ins by result, rate-limit refusals."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from connectrpc.code import Code
+from connectrpc.request import RequestContext
+
+from interceptors.session import procedure_of
+from server.metrics import Metrics
+from server.rpc.errors import code_of
+
+SIGN_IN = "/expense.auth.v1.AuthService/SignIn"
+
+
+class MetricsRecorder:
+    """Observes every call once, at its end."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def on_start(self, ctx: RequestContext[Any, Any]) -> float:
+        """Start the timer."""
+        return time.perf_counter()
+
+    async def on_end(
+        self, started: float, ctx: RequestContext[Any, Any], error: Exception | None
+    ) -> None:
+        """Record the call."""
+        procedure = procedure_of(ctx)
+        code = code_of(error)
+        label = "ok" if code is None else code.value
+        self._metrics.rpc_duration.labels(procedure, label).observe(time.perf_counter() - started)
+        if procedure == SIGN_IN:
+            self._metrics.sign_ins.labels(label).inc()
+        if code is Code.RESOURCE_EXHAUSTED:
+            self._metrics.rate_limited.labels(procedure).inc()

@@ -1,0 +1,74 @@
+"""Background jobs of a running server: retention, and scheduled backups when configured."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from server.domain.retention import Retention
+from server.storage.backup import BackupError, backup, prune
+
+log = logging.getLogger("expense_auth.jobs")
+
+
+class Periodic:
+    """Runs `step` every `interval_s` on the event loop until stopped."""
+
+    def __init__(
+        self, name: str, step: Callable[[], Awaitable[None]], *, interval_s: float
+    ) -> None:
+        self._name = name
+        self._step = step
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the loop (the first run happens at once)."""
+        self._task = asyncio.create_task(self._loop(), name=self._name)
+
+    async def stop(self) -> None:
+        """Stop the loop, waiting for a run in progress to be cancelled."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self._step()
+            except Exception:
+                log.exception("background job failed", extra={"job": self._name})
+            await asyncio.sleep(self._interval_s)
+
+
+def retention_job(retention: Retention, *, interval_s: float) -> Periodic:
+    """Apply the retention windows periodically."""
+
+    async def step() -> None:
+        counts = await retention.run()
+        if any(counts.values()):
+            log.info("retention applied", extra=counts)
+
+    return Periodic("retention", step, interval_s=interval_s)
+
+
+def backup_job(
+    db_path: Path, directory: Path, *, keep: int, interval_s: float, before: Callable[[], None]
+) -> Periodic:
+    """Take a verified backup into `directory` periodically, keeping the newest `keep`."""
+
+    async def step() -> None:
+        before()
+        try:
+            path = await asyncio.to_thread(backup, db_path, directory)
+        except BackupError as exc:
+            log.error("scheduled backup failed", extra={"error": str(exc)})
+            return
+        removed = await asyncio.to_thread(prune, directory, keep=keep)
+        log.info("backup taken", extra={"path": path.name, "pruned": len(removed)})
+
+    return Periodic("backup", step, interval_s=interval_s)

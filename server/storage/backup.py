@@ -1,0 +1,133 @@
+"""Online backups, their verification, and restores that keep deletions deleted.
+
+A backup copies the live database with SQLite's backup API (a consistent
+snapshot, taken while the server keeps serving), then opens the copy and runs
+`PRAGMA integrity_check`. A restore first reads the deletion log of the current
+database, replaces the database with the backup, and applies that log again, so
+that an account deleted after the backup was taken does not come back.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from server.domain.models import subject_hash
+from server.storage.sqlite import BUSY_TIMEOUT_MS
+
+BACKUP_PREFIX = "expense-auth-"
+BACKUP_SUFFIX = ".db"
+
+
+class BackupError(Exception):
+    """A backup or restore could not be completed; the message says why."""
+
+
+def integrity(path: Path) -> str:
+    """`ok`, or what SQLite's integrity check found wrong."""
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            rows = conn.execute("PRAGMA integrity_check").fetchall()
+    except sqlite3.Error as exc:
+        return f"not a readable database: {exc}"
+    return "; ".join(str(r[0]) for r in rows)
+
+
+def backup(db_path: Path, dest: Path) -> Path:
+    """Copy the live database to `dest` (a file, or a directory to put a dated file in).
+
+    Raises:
+        BackupError: The copy failed or does not pass the integrity check.
+    """
+    if dest.is_dir():
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = dest / f"{BACKUP_PREFIX}{stamp}-{time.time_ns() % 1_000_000:06d}{BACKUP_SUFFIX}"
+    if dest.exists():
+        raise BackupError(f"{dest} exists; choose a new file name")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    source = sqlite3.connect(db_path)
+    source.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    partial = dest.with_name(dest.name + ".partial")
+    try:
+        target = sqlite3.connect(partial)
+        try:
+            source.backup(target)
+        finally:
+            target.close()
+    except sqlite3.Error as exc:
+        partial.unlink(missing_ok=True)
+        raise BackupError(f"backup failed: {exc}") from None
+    finally:
+        source.close()
+    result = integrity(partial)
+    if result != "ok":
+        partial.unlink(missing_ok=True)
+        raise BackupError(f"the copy failed its integrity check: {result}")
+    partial.rename(dest)
+    return dest
+
+
+def prune(directory: Path, *, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` backups in `directory`; returns what was deleted."""
+    backups = sorted(directory.glob(f"{BACKUP_PREFIX}*{BACKUP_SUFFIX}"))
+    doomed = backups[:-keep] if keep > 0 else backups
+    for path in doomed:
+        path.unlink()
+    return doomed
+
+
+def restore(src: Path, db_path: Path) -> int:
+    """Replace the database with the backup `src`, then re-apply later deletions.
+
+    Returns the number of accounts deleted again. The server must be stopped.
+
+    Raises:
+        BackupError: The backup is unusable.
+    """
+    result = integrity(src)
+    if result != "ok":
+        raise BackupError(f"{src} failed its integrity check: {result}")
+    deletions: list[tuple[str, int]] = []
+    if db_path.exists():
+        with sqlite3.connect(db_path) as current:
+            has_log = current.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'deleted_accounts'"
+            ).fetchone()
+            if has_log:
+                deletions = list(
+                    current.execute("SELECT subject_hash, deleted_ms FROM deleted_accounts")
+                )
+    source = sqlite3.connect(f"file:{src}?mode=ro", uri=True)
+    target = sqlite3.connect(db_path)
+    try:
+        source.backup(target)
+        target.execute("PRAGMA journal_mode = WAL")
+        return _reapply(target, deletions)
+    finally:
+        source.close()
+        target.close()
+
+
+def _reapply(conn: sqlite3.Connection, deletions: list[tuple[str, int]]) -> int:
+    if not deletions:
+        return 0
+    wanted = {h for h, _ in deletions}
+    conn.execute("PRAGMA foreign_keys = ON")  # a user's sessions go with them
+    conn.create_function("subject_hash", 2, subject_hash, deterministic=True)
+    with conn:
+        doomed = [
+            (user_id, digest)
+            for user_id, digest in conn.execute(
+                "SELECT id, subject_hash(issuer, subject) FROM users"
+            )
+            if digest in wanted
+        ]
+        conn.executemany("DELETE FROM users WHERE id = ?", [(u,) for u, _ in doomed])
+        conn.executemany("DELETE FROM audit_events WHERE user_id = ?", [(u,) for u, _ in doomed])
+        conn.executemany(
+            "INSERT INTO deleted_accounts (subject_hash, deleted_ms) VALUES (?, ?) "
+            "ON CONFLICT DO NOTHING",
+            deletions,
+        )
+    return len(doomed)
