@@ -18,14 +18,18 @@ class AdminAuth:
     """Refuses admin calls without `Authorization: Bearer <ADMIN_TOKEN>`."""
 
     def __init__(self, token: str | None) -> None:
-        self._expected = f"Bearer {token}".encode() if token else None
+        self._expected = token.encode() if token else None
 
     async def on_start(self, ctx: RequestContext[Any, Any]) -> None:
         """Check the credential before the request body is read."""
         if self._expected is None:
             raise PermissionDenied("the admin API is disabled: set ADMIN_TOKEN to enable it")
-        presented = ctx.request_headers.get("authorization", "").encode()
-        if not hmac.compare_digest(presented, self._expected):
+        scheme, _, presented = ctx.request_headers.get("authorization", "").partition(" ")
+        # The scheme name is case-insensitive (RFC 9110); the token is compared in
+        # constant time.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            presented.strip().encode(), self._expected
+        ):
             raise PermissionDenied("the admin API needs 'Authorization: Bearer <ADMIN_TOKEN>'")
 
     async def on_end(

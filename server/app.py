@@ -270,7 +270,7 @@ def create_app(
         on_shutdown=[*(job.stop for job in jobs), _closer(store)],
     )
     admin_service = AdminService(
-        admin=Admin(store, clock=clock, audit_log=audit_log),
+        admin=Admin(store, clock=clock, audit_log=audit_log, policy=policy),
         page_tokens=PageTokens(keys, name="ListUsers"),
     )
     admin = Router(

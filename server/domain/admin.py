@@ -7,6 +7,7 @@ from server.domain.audit import Audit, Origin
 from server.domain.clock import Clock
 from server.domain.errors import InvalidArgument, NotFound
 from server.domain.models import User
+from server.domain.sessions import SessionPolicy
 from server.storage.base import Store
 
 MAX_PAGE_SIZE = 100
@@ -16,10 +17,17 @@ DEFAULT_PAGE_SIZE = 50
 class Admin:
     """What the admin API can do."""
 
-    def __init__(self, store: Store, *, clock: Clock, audit_log: Audit) -> None:
+    def __init__(
+        self, store: Store, *, clock: Clock, audit_log: Audit, policy: SessionPolicy
+    ) -> None:
         self._store = store
         self._clock = clock
         self._audit = audit_log
+        self._policy = policy
+
+    def _live_window(self) -> dict[str, int]:
+        now = self._clock.now_ms()
+        return {"now_ms": now, "idle_cutoff_ms": now - self._policy.idle_ms}
 
     async def list_users(
         self, *, email_contains: str, page_size: int, after_id: str | None
@@ -45,9 +53,7 @@ class Admin:
 
     async def set_disabled(self, user_id: str, *, disabled: bool, origin: Origin) -> User:
         """Disable a user (every session ends at once) or enable them again."""
-        user = await self._store.set_disabled(
-            user_id, disabled=disabled, now_ms=self._clock.now_ms()
-        )
+        user = await self._store.set_disabled(user_id, disabled=disabled, **self._live_window())
         if user is None:
             raise NotFound(f"no user {user_id[:64]!r}")
         kind = audit.ACCOUNT_DISABLED if disabled else audit.ACCOUNT_ENABLED
@@ -57,7 +63,7 @@ class Admin:
     async def revoke_sessions(self, user_id: str, *, origin: Origin) -> int:
         """Revoke every session of a user."""
         await self.get_user(user_id)
-        count = await self._store.revoke_all_sessions(user_id, now_ms=self._clock.now_ms())
+        count = await self._store.revoke_all_sessions(user_id, **self._live_window())
         await self._audit.record(
             audit.SESSION_REVOKED, user_id=user_id, origin=origin, reason=f"admin:{count}"
         )

@@ -127,12 +127,14 @@ class Store(Protocol):
         and record the tombstone and the deletion, atomically."""
         ...
 
-    async def set_disabled(self, user_id: str, *, disabled: bool, now_ms: int) -> User | None:
-        """Disable (and revoke every session) or enable the user."""
+    async def set_disabled(
+        self, user_id: str, *, disabled: bool, now_ms: int, idle_cutoff_ms: int
+    ) -> User | None:
+        """Disable (and revoke every live session) or enable the user."""
         ...
 
-    async def revoke_all_sessions(self, user_id: str, *, now_ms: int) -> int:
-        """Revoke every session of the user."""
+    async def revoke_all_sessions(self, user_id: str, *, now_ms: int, idle_cutoff_ms: int) -> int:
+        """Revoke every live session of the user; returns how many."""
         ...
 
     async def list_users(

@@ -437,27 +437,31 @@ class SQLiteStore:
             )
         return True
 
-    async def set_disabled(self, user_id: str, *, disabled: bool, now_ms: int) -> User | None:
+    async def set_disabled(
+        self, user_id: str, *, disabled: bool, now_ms: int, idle_cutoff_ms: int
+    ) -> User | None:
         """Disable (revoking every live session at once) or enable a user."""
         with self._write() as conn:
             row = conn.execute(
-                f"UPDATE users SET disabled_ms = ?, update_ms = ? WHERE id = ? "
+                # Disabling twice keeps the first time.
+                f"UPDATE users SET disabled_ms = CASE WHEN ? THEN coalesce(disabled_ms, ?) END, "
+                f"update_ms = ? WHERE id = ? "
                 f"RETURNING {_USER_COLUMNS}",
-                (now_ms if disabled else None, now_ms, user_id),
+                (disabled, now_ms, now_ms, user_id),
             ).fetchone()
             if row is not None and disabled:
                 conn.execute(
-                    "UPDATE sessions SET revoke_ms = ? WHERE user_id = ? AND revoke_ms IS NULL",
-                    (now_ms, user_id),
+                    f"UPDATE sessions SET revoke_ms = ? WHERE user_id = ? AND {_LIVE}",
+                    (now_ms, user_id, now_ms, idle_cutoff_ms),
                 )
         return _user(row) if row else None
 
-    async def revoke_all_sessions(self, user_id: str, *, now_ms: int) -> int:
+    async def revoke_all_sessions(self, user_id: str, *, now_ms: int, idle_cutoff_ms: int) -> int:
         """Revoke every unrevoked session of the user."""
         with self._write() as conn:
             return conn.execute(
-                "UPDATE sessions SET revoke_ms = ? WHERE user_id = ? AND revoke_ms IS NULL",
-                (now_ms, user_id),
+                f"UPDATE sessions SET revoke_ms = ? WHERE user_id = ? AND {_LIVE}",
+                (now_ms, user_id, now_ms, idle_cutoff_ms),
             ).rowcount
 
     async def list_users(

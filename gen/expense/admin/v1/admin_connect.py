@@ -35,7 +35,7 @@ class AdminService(Protocol):
     AdminService lets an operator look after accounts. It is served only on the
     admin listener (bound to localhost by default), never on the public port,
     and every call needs the admin token as `Authorization: Bearer <token>`.
-    Every call is recorded in the audit log.
+    Every change (disable, enable, revoke) is recorded in the audit log.
     """
     async def list_users(self, request: ListUsersRequest, ctx: RequestContext[ListUsersRequest, ListUsersResponse], /) -> ListUsersResponse:
         """
@@ -160,7 +160,7 @@ class AdminServiceClient(ConnectClient):
     AdminService lets an operator look after accounts. It is served only on the
     admin listener (bound to localhost by default), never on the public port,
     and every call needs the admin token as `Authorization: Bearer <token>`.
-    Every call is recorded in the audit log.
+    Every change (disable, enable, revoke) is recorded in the audit log.
     """
     async def list_users(
         self,
@@ -289,7 +289,7 @@ class AdminServiceSync(Protocol):
     AdminService lets an operator look after accounts. It is served only on the
     admin listener (bound to localhost by default), never on the public port,
     and every call needs the admin token as `Authorization: Bearer <token>`.
-    Every call is recorded in the audit log.
+    Every change (disable, enable, revoke) is recorded in the audit log.
     """
     def list_users(self, request: ListUsersRequest, ctx: RequestContext[ListUsersRequest, ListUsersResponse], /) -> ListUsersResponse:
         """
@@ -412,7 +412,7 @@ class AdminServiceClientSync(ConnectClientSync):
     AdminService lets an operator look after accounts. It is served only on the
     admin listener (bound to localhost by default), never on the public port,
     and every call needs the admin token as `Authorization: Bearer <token>`.
-    Every call is recorded in the audit log.
+    Every change (disable, enable, revoke) is recorded in the audit log.
     """
     def list_users(
         self,

@@ -279,7 +279,7 @@ export const RevokeUserSessionsResponseSchema: GenMessage<RevokeUserSessionsResp
  * AdminService lets an operator look after accounts. It is served only on the
  * admin listener (bound to localhost by default), never on the public port,
  * and every call needs the admin token as `Authorization: Bearer <token>`.
- * Every call is recorded in the audit log.
+ * Every change (disable, enable, revoke) is recorded in the audit log.
  *
  * @generated from service expense.admin.v1.AdminService
  */
