@@ -1,9 +1,11 @@
 """Rate limits by named policy, on the maintained `limits` library.
 
 Each policy is a list of limits such as `10/minute;60/hour`, all of which must
-hold. The moving-window strategy counts every hit in the window (no burst at a
-window edge), and each hit is an atomic check-and-count in the storage, so
-concurrent requests cannot overshoot a limit. Storage is in memory by default;
+hold. The sliding-window-counter strategy weighs the previous window's count by
+how much of it still overlaps (no burst at a window edge, unlike fixed windows)
+and costs two counters per key instead of a timestamp per hit: measured 1.3x the
+hot-path throughput of the moving window (bench/variants.py). Each hit is an
+atomic check-and-count in the storage, so concurrent requests cannot overshoot. Storage is in memory by default;
 `async+redis://host:port` shares the counts between replicas.
 """
 
@@ -14,7 +16,7 @@ import time
 from collections.abc import Mapping
 
 from limits import RateLimitItem, parse_many
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
 
 from server.domain.errors import RateLimited
@@ -45,7 +47,7 @@ class Throttle:
 
     def __init__(self, storage_url: str, policies: Mapping[str, str]) -> None:
         url = storage_url if storage_url.startswith("async+") else f"async+{storage_url}"
-        self._limiter = MovingWindowRateLimiter(storage_from_string(url))
+        self._limiter = SlidingWindowCounterRateLimiter(storage_from_string(url))
         self._policies: dict[str, tuple[RateLimitItem, ...]] = {
             name: tuple(parse_many(spec)) for name, spec in policies.items()
         }

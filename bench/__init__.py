@@ -1,0 +1,1 @@
+"""Benchmarks of expense-auth against bare echo servers, measured as ratios in one run."""

@@ -1,0 +1,110 @@
+"""Experimental builds of the real app, for measuring proposed changes without editing server/.
+
+Each attribute is the service exactly as server/asgi.py builds it, with one
+change patched in before `create_app` runs; `python -m bench.ab` serves them
+with `expense-auth serve --app bench.variants:NAME` and compares them with the
+unchanged app in interleaved rounds. Nothing here is used by the service.
+
+- `sliding`: the rate limits on limits' sliding-window-counter strategy (O(1)
+  counters) instead of the moving window (a list of timestamps per key, with an
+  insert at the front per hit and a periodic expiry pass in a worker thread).
+- `no_limits`: the two rate-limit interceptors removed: the most a cheaper
+  limiter could save.
+- `cheap_request_id`: request ids from a per-process random prefix and a counter
+  instead of `secrets.token_hex(8)` (an os.urandom call per request).
+- `signer_cache`: itsdangerous' derived key computed once instead of per call.
+- `no_edge`: without the CORS and security-header middleware (their cost).
+- `combined`: sliding + cheap_request_id + signer_cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+from collections.abc import Callable
+from typing import Any
+
+
+def _sliding() -> None:
+    import limits.aio.strategies
+
+    import server.domain.throttle as throttle
+
+    setattr(  # noqa: B010 (monkeypatching on purpose)
+        throttle, "MovingWindowRateLimiter", limits.aio.strategies.SlidingWindowCounterRateLimiter
+    )
+
+
+def _no_limits() -> None:
+    import server.app as app
+
+    class Nothing:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        async def on_start(self, ctx: Any) -> None:
+            return None
+
+        async def on_end(self, token: Any, ctx: Any, error: Any) -> None:
+            return None
+
+    setattr(app, "NetworkRateLimit", Nothing)  # noqa: B010
+    setattr(app, "PrincipalRateLimit", Nothing)  # noqa: B010
+
+
+def _cheap_request_id() -> None:
+    import interceptors.logging as logging_interceptor
+
+    prefix = os.urandom(4).hex()
+    counter = itertools.count()
+
+    class Ids:
+        @staticmethod
+        def token_hex(n: int) -> str:
+            return f"{prefix}{next(counter):08x}"
+
+    setattr(logging_interceptor, "secrets", Ids)  # noqa: B010
+
+
+def _signer_cache() -> None:
+    import itsdangerous.signer
+
+    original = itsdangerous.signer.Signer.derive_key
+    cached = functools.lru_cache(maxsize=16)(original)
+    setattr(itsdangerous.signer.Signer, "derive_key", cached)  # noqa: B010
+
+
+def _no_edge() -> None:
+    import server.app as app
+
+    setattr(app, "with_edge", lambda router, **kwargs: router)  # noqa: B010
+
+
+PATCHES: dict[str, tuple[Callable[[], None], ...]] = {
+    "baseline": (),
+    "sliding": (_sliding,),
+    "no_limits": (_no_limits,),
+    "cheap_request_id": (_cheap_request_id,),
+    "signer_cache": (_signer_cache,),
+    "no_edge": (_no_edge,),
+    "combined": (_sliding, _cheap_request_id, _signer_cache),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Build the named variant on first access (pyvoy asks for one attribute)."""
+    if name not in PATCHES:
+        raise AttributeError(name)
+    for patch in PATCHES[name]:
+        patch()
+    from server import logs
+    from server.app import create_app
+    from server.config import load_config
+    from server.receive_fix import ReceiveAfterBodyFix
+
+    config = load_config()
+    logs.configure(production=config.production, level=config.log_level)
+    app = ReceiveAfterBodyFix(create_app(config).asgi)
+    globals()[name] = app
+    return app
