@@ -294,6 +294,7 @@ def _jobs(config: Config, store: SQLiteStore, clock: Clock) -> list[Periodic]:
             session_days=config.retention_session_days,
             audit_days=config.retention_audit_days,
             full_ip_days=config.retention_full_ip_days,
+            session_idle_ms=config.session_idle_timeout_seconds * 1000,
         ),
     )
     jobs = [retention_job(retention, interval_s=config.retention_interval_seconds)]

@@ -112,6 +112,7 @@ def _purge(config: Config) -> int:
         session_days=config.retention_session_days,
         audit_days=config.retention_audit_days,
         full_ip_days=config.retention_full_ip_days,
+        session_idle_ms=config.session_idle_timeout_seconds * 1000,
     )
     try:
         counts = asyncio.run(Retention(store, clock=SystemClock(), policy=policy).run())
@@ -139,6 +140,13 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
 
     if not args.no_migrate:
         _migrate(config)
+    elif pending := check_schema(config.sqlite_path):
+        print(
+            f"expense-auth: the database needs migrations ({', '.join(pending)}); "
+            "run `expense-auth migrate` or start without --no-migrate",
+            file=sys.stderr,
+        )
+        return 2
     admin = None
     if not args.no_admin:
         module = args.app.partition(":")[0]

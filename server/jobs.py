@@ -63,6 +63,7 @@ def backup_job(
 
     async def step() -> None:
         before()
+        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
         try:
             path = await asyncio.to_thread(backup, db_path, directory)
         except BackupError as exc:

@@ -48,6 +48,7 @@ DRAIN_SECONDS = 10.0
 # stream (INTERNAL_ERROR) on HTTP/2; the app never sees the request.
 MAX_REQUEST_HEADERS_KB = 16
 ADMIN_LISTENER = "admin_listener"
+ENVOY_DRAIN_TIME_S = 1
 
 _HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
 
@@ -212,8 +213,12 @@ def _active_requests(server: PyvoyServer) -> int:
 
 async def _drain(server: PyvoyServer, seconds: float) -> None:
     try:
-        await asyncio.to_thread(_admin, server, "/drain_listeners?graceful&inbound_only", "POST")
+        await asyncio.to_thread(_admin, server, "/drain_listeners?graceful", "POST")
         deadline = time.monotonic() + seconds
+        # Envoy keeps accepting during its drain period (--drain-time-s) while it
+        # tells clients to go away (Connection: close, GOAWAY); stopping before it
+        # ends would reset connections that were just accepted.
+        await asyncio.sleep(min(ENVOY_DRAIN_TIME_S + 0.25, seconds))
         while time.monotonic() < deadline:
             if await asyncio.to_thread(_active_requests, server) == 0:
                 return
@@ -271,7 +276,12 @@ async def serve(
         stdout=None,
         stderr=None,
         lifespan=True,
-        additional_envoy_args=["--drain-time-s", "1", "--drain-strategy", "immediate"],
+        additional_envoy_args=[
+            "--drain-time-s",
+            str(ENVOY_DRAIN_TIME_S),
+            "--drain-strategy",
+            "immediate",
+        ],
         tls=bool(tls),
         admin=admin,
         **tls,

@@ -19,11 +19,14 @@ class RetentionPolicy:
             users can still see them in their export and history.
         audit_days: Audit events are kept this long (tombstones forever).
         full_ip_days: After this, IP addresses in events are cut to /24 or /48.
+        session_idle_ms: The idle timeout, so that sessions ended by inactivity count
+            as ended.
     """
 
     session_days: int = 30
     audit_days: int = 365
     full_ip_days: int = 30
+    session_idle_ms: int = 30 * 60 * 1000
 
 
 class Retention:
@@ -40,6 +43,7 @@ class Retention:
         return await self._store.purge(
             now_ms=now,
             session_grace_ms=self._policy.session_days * DAY_MS,
+            idle_ms=self._policy.session_idle_ms,
             events_before_ms=now - self._policy.audit_days * DAY_MS,
             ips_before_ms=now - self._policy.full_ip_days * DAY_MS,
         )

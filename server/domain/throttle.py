@@ -5,8 +5,9 @@ hold. The sliding-window-counter strategy weighs the previous window's count by
 how much of it still overlaps (no burst at a window edge, unlike fixed windows)
 and costs two counters per key instead of a timestamp per hit: measured 1.3x the
 hot-path throughput of the moving window (bench/variants.py). Each hit is an
-atomic check-and-count in the storage, so concurrent requests cannot overshoot. Storage is in memory by default;
-`async+redis://host:port` shares the counts between replicas.
+atomic check-and-count in the storage, so concurrent requests cannot overshoot.
+Storage is in memory by default; `redis://host:port` shares the counts between
+replicas.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ that an account deleted after the backup was taken does not come back.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ class BackupError(Exception):
 def integrity(path: Path) -> str:
     """`ok`, or what SQLite's integrity check found wrong."""
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
             rows = conn.execute("PRAGMA integrity_check").fetchall()
     except sqlite3.Error as exc:
         return f"not a readable database: {exc}"
@@ -53,6 +54,8 @@ def backup(db_path: Path, dest: Path) -> Path:
         target = sqlite3.connect(partial)
         try:
             source.backup(target)
+            # A self-contained file: no -wal/-shm beside the backup.
+            target.execute("PRAGMA journal_mode = DELETE")
         finally:
             target.close()
     except sqlite3.Error as exc:

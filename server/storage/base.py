@@ -144,7 +144,13 @@ class Store(Protocol):
         ...
 
     async def purge(
-        self, *, now_ms: int, session_grace_ms: int, events_before_ms: int, ips_before_ms: int
+        self,
+        *,
+        now_ms: int,
+        session_grace_ms: int,
+        idle_ms: int,
+        events_before_ms: int,
+        ips_before_ms: int,
     ) -> dict[str, int]:
         """Apply the retention windows; returns counts per kind of row."""
         ...

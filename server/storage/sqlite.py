@@ -478,14 +478,24 @@ class SQLiteStore:
         return [_user(row) for row in self._conn.execute(query, params)]
 
     async def purge(
-        self, *, now_ms: int, session_grace_ms: int, events_before_ms: int, ips_before_ms: int
+        self,
+        *,
+        now_ms: int,
+        session_grace_ms: int,
+        idle_ms: int,
+        events_before_ms: int,
+        ips_before_ms: int,
     ) -> dict[str, int]:
-        """Delete ended sessions, old events and spent tokens; shorten old IP addresses."""
+        """Delete ended sessions, old events and spent tokens; shorten old IP addresses.
+
+        A session ended at the earliest of its absolute expiry, its revocation and
+        `idle_ms` after it was last seen; it is deleted `session_grace_ms` after that.
+        """
         with self._write() as conn:
             cutoff = now_ms - session_grace_ms
             sessions = conn.execute(
-                "DELETE FROM sessions WHERE expire_ms < ? OR revoke_ms < ?",
-                (cutoff, cutoff),
+                "DELETE FROM sessions WHERE expire_ms < ? OR revoke_ms < ? OR last_seen_ms + ? < ?",
+                (cutoff, cutoff, idle_ms, cutoff),
             ).rowcount
             events = conn.execute(
                 "DELETE FROM audit_events WHERE time_ms < ? AND kind != 'account_deleted'",
