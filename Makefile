@@ -25,8 +25,10 @@ $(PY_STAMP): pyproject.toml
 
 $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
-	@# The browser tests drive Debian's Chromium (Playwright cannot download one here).
-	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	@# The browser tests drive Debian's Chromium (Playwright cannot download one here);
+	@# the crash test counts fsyncs with strace.
+	command -v chromium >/dev/null && command -v strace >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium strace)
 	touch $@
 
 check: lint typecheck proto-check

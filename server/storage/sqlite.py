@@ -114,7 +114,10 @@ def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
+    # FULL: a commit is fsynced before it is acknowledged. NORMAL would survive a
+    # process crash but could lose the last commits (a sign-in, a revocation, an
+    # account deletion) to a power cut; tests/reliability/test_crash.py checks it.
+    conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
     return conn
 
