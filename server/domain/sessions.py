@@ -8,6 +8,7 @@ domain errors.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TypedDict
 
 from server.domain.clock import Clock
 from server.domain.errors import InvalidArgument, NotFound, Unauthenticated
@@ -18,6 +19,13 @@ from server.storage.base import Store, UserDefaults
 MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 50
 MAX_USER_AGENT = 64
+
+
+class LiveWindow(TypedDict):
+    """What "live" means now, as the store's queries take it."""
+
+    now_ms: int
+    idle_cutoff_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +157,7 @@ class Sessions:
         if not session_id:
             raise InvalidArgument("session_id", "session_id is required")
         revoked = await self._store.revoke_session(
-            principal.user.id, session_id, **self._live_window()
+            principal.user.id, session_id, caller_id=principal.session.id, **self._live_window()
         )
         if not revoked:
             raise NotFound(f"no live session {session_id[:64]!r} among your sessions")
@@ -160,10 +168,10 @@ class Sessions:
             principal.user.id, principal.session.id, **self._live_window()
         )
 
-    def _live_window(self) -> dict[str, int]:
+    def _live_window(self) -> LiveWindow:
         """What "live" means now, for the store: `now_ms` and `idle_cutoff_ms`."""
         now = self._clock.now_ms()
-        return {"now_ms": now, "idle_cutoff_ms": now - self._policy.idle_ms}
+        return LiveWindow(now_ms=now, idle_cutoff_ms=now - self._policy.idle_ms)
 
     async def list_live(
         self, principal: Principal, *, page_size: int, after: SessionCursor | None

@@ -77,7 +77,13 @@ class Store(Protocol):
         ...
 
     async def revoke_session(
-        self, user_id: str, session_id: str, *, now_ms: int, idle_cutoff_ms: int
+        self,
+        user_id: str,
+        session_id: str,
+        *,
+        now_ms: int,
+        idle_cutoff_ms: int,
+        caller_id: str | None = None,
     ) -> bool:
         """Revoke one live session of the user (not revoked, not past `expire_ms`, last
         seen after `idle_cutoff_ms`); False when there is no such live session."""

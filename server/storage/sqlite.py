@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from server.domain.errors import InvalidIdToken, PermissionDenied
+from server.domain.errors import InvalidIdToken, PermissionDenied, Unauthenticated
 from server.domain.models import (
     AuditEvent,
     Identity,
@@ -307,10 +307,30 @@ class SQLiteStore:
             )
 
     async def revoke_session(
-        self, user_id: str, session_id: str, *, now_ms: int, idle_cutoff_ms: int
+        self,
+        user_id: str,
+        session_id: str,
+        *,
+        now_ms: int,
+        idle_cutoff_ms: int,
+        caller_id: str | None = None,
     ) -> bool:
-        """Revoke one live session owned by `user_id`."""
+        """Revoke one live session owned by `user_id`.
+
+        Raises:
+            Unauthenticated: `caller_id` (the session making the call) was revoked
+                or ended meanwhile by a concurrent call; nothing is revoked.
+        """
         with self._write() as conn:
+            if caller_id is not None and caller_id != session_id:
+                alive = conn.execute(
+                    f"SELECT 1 FROM sessions WHERE id = ? AND user_id = ? AND {_LIVE}",
+                    (caller_id, user_id, now_ms, idle_cutoff_ms),
+                ).fetchone()
+                if alive is None:
+                    raise Unauthenticated(
+                        "the session was signed out; sign in again", reason="revoked"
+                    )
             cursor = conn.execute(
                 f"UPDATE sessions SET revoke_ms = ? WHERE id = ? AND user_id = ? AND {_LIVE}",
                 (now_ms, session_id, user_id, now_ms, idle_cutoff_ms),
@@ -320,8 +340,19 @@ class SQLiteStore:
     async def revoke_other_sessions(
         self, user_id: str, keep_id: str, *, now_ms: int, idle_cutoff_ms: int
     ) -> int:
-        """Revoke every live session of the user except `keep_id`."""
+        """Revoke every live session of the user except `keep_id`.
+
+        Raises:
+            Unauthenticated: `keep_id` itself was revoked or ended meanwhile (by a
+                concurrent call): the caller is signed out and revokes nothing.
+        """
         with self._write() as conn:
+            alive = conn.execute(
+                f"SELECT 1 FROM sessions WHERE id = ? AND user_id = ? AND {_LIVE}",
+                (keep_id, user_id, now_ms, idle_cutoff_ms),
+            ).fetchone()
+            if alive is None:
+                raise Unauthenticated("the session was signed out; sign in again", reason="revoked")
             cursor = conn.execute(
                 f"UPDATE sessions SET revoke_ms = ? WHERE user_id = ? AND id != ? AND {_LIVE}",
                 (now_ms, user_id, keep_id, now_ms, idle_cutoff_ms),
