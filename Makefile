@@ -48,7 +48,7 @@ proto-check: setup
 	@if git cat-file -e HEAD~1:buf.yaml 2>/dev/null; then \
 		$(BIN)/buf breaking --against '.git#ref=HEAD~1'; fi
 	@before=$$(mktemp -d) && cp -r gen "$$before/" && $(BIN)/buf generate && \
-		if ! diff -r "$$before/gen" gen >/dev/null; then \
+		if ! diff -r -x __pycache__ "$$before/gen" gen >/dev/null; then \
 			echo "gen/ is stale: run '$(BIN)/buf generate' and commit the result" >&2; exit 1; fi
 
 pytest: setup
