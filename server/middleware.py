@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
+from typing import Any
 from urllib.parse import quote
 
 from starlette.middleware.cors import CORSMiddleware
@@ -50,11 +51,33 @@ SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
 _BASE_HEADERS = tuple((k.encode(), v.encode()) for k, v in SECURITY_HEADERS if k != "vary")
 
 
-class SecurityHeaders:
-    """Adds the security headers to every HTTP response; HSTS when served over HTTPS."""
+class Edge:
+    """Every HTTP request's header check, CORS and security headers, in one pass.
 
-    def __init__(self, app: ASGIApp, *, https: bool) -> None:
+    - Header values must be UTF-8. connectrpc decodes every header value before
+      any interceptor runs, so one stray byte (in a User-Agent, say) would
+      otherwise become an `unknown` error quoting Python's exception. Header
+      values are ASCII by the Connect and gRPC specifications; UTF-8 is
+      tolerated, anything else is `invalid_argument`.
+    - CORS is Starlette's `CORSMiddleware`, for requests that carry an `Origin`:
+      only those can be cross-origin. For the others (gRPC and server-side
+      clients) it would add nothing but `Vary: Origin`, which is added here to
+      every response anyway, so they skip it.
+    - The security headers go on every response, refusals included; HSTS when
+      served over HTTPS.
+    """
+
+    def __init__(self, app: ASGIApp, *, allowed_origins: Collection[str], https: bool) -> None:
         self._app = app
+        self._cors_options: dict[str, Any] = {
+            "allow_origins": list(allowed_origins),
+            "allow_credentials": True,
+            "allow_methods": ["GET", "POST"],
+            "allow_headers": list(CORS_ALLOW_HEADERS),
+            "expose_headers": list(CORS_EXPOSE_HEADERS),
+            "max_age": CORS_MAX_AGE_S,
+        }
+        self._cors = CORSMiddleware(app, **self._cors_options)
         headers = list(_BASE_HEADERS)
         if https:
             headers.append((b"strict-transport-security", HSTS.encode()))
@@ -66,42 +89,50 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
+        has_origin = False
+        bad_header: bytes | None = None
+        for name, value in scope.get("headers", ()):
+            if name == b"origin":
+                has_origin = True
+            if bad_header is None and not value.isascii() and not _is_utf8(value):
+                bad_header = name
+        app: ASGIApp
+        if bad_header is not None:
+            refusal = _BadHeader(bad_header.decode("latin-1"))
+            app = CORSMiddleware(refusal, **self._cors_options) if has_origin else refusal
+        else:
+            app = self._cors if has_origin else self._app
+        names = self._names
+        extra = self._headers
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                existing = list(message.get("headers", ()))
-                kept = [(k, v) for k, v in existing if k.lower() not in self._names]
+                kept = [h for h in message.get("headers", ()) if h[0].lower() not in names]
                 if not any(k.lower() == b"vary" and b"origin" in v.lower() for k, v in kept):
                     kept.append((b"vary", b"Origin"))
-                message = {**message, "headers": [*kept, *self._headers]}
+                kept.extend(extra)
+                message = {**message, "headers": kept}
             await send(message)
 
-        await self._app(scope, receive, send_with_headers)
+        await app(scope, receive, send_with_headers)
 
 
-class HeaderEncodingCheck:
-    """Refuses requests whose header values are not UTF-8.
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
-    connectrpc decodes every header value as UTF-8 before any interceptor runs,
-    so one stray byte (in a User-Agent, say) would otherwise become an `unknown`
-    error quoting Python's exception. Header values are ASCII by the Connect and
-    gRPC specifications; UTF-8 is tolerated.
-    """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self._app = app
+class _BadHeader:
+    """Answers a request with a non-UTF-8 header value, in the caller's protocol."""
+
+    def __init__(self, header: str) -> None:
+        self._header = header
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """ASGI entry point."""
-        if scope["type"] == "http":
-            for name, value in scope.get("headers", ()):
-                if not value.isascii():
-                    try:
-                        value.decode()
-                    except UnicodeDecodeError:
-                        await _refuse(scope, send, name.decode("latin-1"))
-                        return
-        await self._app(scope, receive, send)
+        await _refuse(scope, send, self._header)
 
 
 async def _refuse(scope: Scope, send: Send, header: str) -> None:
@@ -131,15 +162,6 @@ async def _refuse(scope: Scope, send: Send, header: str) -> None:
 
 
 def with_edge(app: ASGIApp, *, allowed_origins: Collection[str], https: bool) -> ASGIApp:
-    """The app behind header checks, CORS (exact-origin allowlist, credentials) and
-    security headers (outermost, so that every response carries them)."""
-    cors = CORSMiddleware(
-        HeaderEncodingCheck(app),
-        allow_origins=list(allowed_origins),
-        allow_credentials=True,
-        allow_methods=["GET", "POST"],
-        allow_headers=list(CORS_ALLOW_HEADERS),
-        expose_headers=list(CORS_EXPOSE_HEADERS),
-        max_age=CORS_MAX_AGE_S,
-    )
-    return SecurityHeaders(cors, https=https)
+    """The app behind the header check, CORS (exact-origin allowlist, credentials)
+    and the security headers."""
+    return Edge(app, allowed_origins=allowed_origins, https=https)
