@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from server.domain.errors import RateLimited
-from server.domain.throttle import Throttle
+from server.domain.throttle import MemoryWindows, Throttle
 
 REDIS = "redis://127.0.0.1:6379"
 
@@ -52,10 +52,94 @@ def test_refusal_says_what_and_when() -> None:
     assert 1 <= error.retry_after_s <= 3600
 
 
+class FakeTime:
+    """Seconds since the epoch, moved by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fits(windows: MemoryWindows, n: int, key: str = "k") -> int:
+    return sum(windows.hit(key) for _ in range(n))
+
+
+def test_previous_window_is_weighted_by_its_overlap() -> None:
+    clock = FakeTime(600.0)  # a window edge for 1-minute windows
+    windows = MemoryWindows(10, 60, now=clock)
+    assert fits(windows, 11) == 10
+    clock.now = 660.0  # the next window: all 10 still weigh fully
+    assert fits(windows, 3) == 0
+    clock.now = 690.0  # half-way: they weigh 5, so 5 more fit
+    assert fits(windows, 10) == 5
+    clock.now = 780.5  # two windows on: nothing is left
+    assert fits(windows, 12) == 10
+
+
+def test_retry_after_is_when_one_more_request_fits() -> None:
+    clock = FakeTime(600.0)
+    windows = MemoryWindows(10, 60, now=clock)
+    fits(windows, 10)
+    assert windows.retry_after_s("k") == 60
+    clock.now = 660.0
+    assert not windows.hit("k")
+    clock.now = 660.01
+    assert windows.hit("k")
+
+    clock = FakeTime(600.0)
+    windows = MemoryWindows(10, 60, now=clock)
+    fits(windows, 10)
+    clock.now = 675.0  # previous weighs 7.5: three fit, then full until 678
+    assert fits(windows, 5) == 3
+    assert windows.retry_after_s("k") == 3
+    clock.now = 677.9
+    assert not windows.hit("k")
+    clock.now = 678.01
+    assert windows.hit("k")
+
+
+def test_check_and_record_do_not_count_or_refuse() -> None:
+    windows = MemoryWindows(2, 60, now=FakeTime(600.0))
+    assert windows.hit("k", count=False) and windows.hit("k", count=False)
+    assert fits(windows, 2) == 2
+    assert not windows.hit("k", refuse=False)  # full, but counted anyway
+    assert windows.retry_after_s("k") == 60 + 20  # 3 weigh under 2 after 1/3 of the next
+
+
+def test_ended_keys_are_swept() -> None:
+    clock = FakeTime(600.0)
+    windows = MemoryWindows(10, 60, now=clock)
+    for i in range(1000):
+        windows.hit(f"k{i}")
+    assert len(windows) == 1000
+    clock.now = 600.0 + 180  # both windows of every key have ended, and a sweep is due
+    windows.hit("fresh")
+    assert len(windows) == 1
+
+
+def test_throttle_refusal_quotes_the_exact_wait() -> None:
+    clock = FakeTime(600.0)
+    throttle = Throttle("memory://", {"p": "2/minute"}, now=clock)
+
+    async def run() -> RateLimited:
+        await throttle.hit("p", "k", what="too many")
+        await throttle.hit("p", "k", what="too many")
+        clock.now = 645.0
+        with pytest.raises(RateLimited) as err:
+            await throttle.hit("p", "k", what="too many")
+        return err.value
+
+    error = asyncio.run(run())
+    assert error.retry_after_s == 15
+    assert error.message == "too many; try again in 15 s"
+
+
 REPLICA = """
 import asyncio, sys
 from server.domain.errors import RateLimited
-from server.domain.throttle import Throttle
+from server.domain.throttle import MemoryWindows, Throttle
 
 async def main() -> None:
     throttle = Throttle(sys.argv[1], {"p": "10/minute"})
