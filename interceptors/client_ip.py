@@ -8,6 +8,7 @@ A header from an untrusted peer is ignored entirely.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 from contextvars import ContextVar, Token
@@ -26,7 +27,9 @@ def client_ip() -> str:
     return _client_ip.get()
 
 
+@functools.lru_cache(maxsize=4096)
 def _parse(text: str) -> IPAddress | None:
+    """An IP address, or None; cached, as every call parses its peer's."""
     text = text.strip().strip("[]")
     try:
         return ipaddress.ip_address(text)
