@@ -50,15 +50,27 @@ class Audit:
     ) -> None:
         """Append one event, stamped with the current time."""
         await self._store.record_event(
-            AuditEvent(
-                time_ms=self._clock.now_ms(),
-                kind=kind,
-                user_id=user_id,
-                reason=reason[:100],
-                session_id=session_id,
-                ip=origin.ip,
-                user_agent=origin.user_agent,
-            )
+            self.event(kind, user_id=user_id, origin=origin, reason=reason, session_id=session_id)
+        )
+
+    def event(
+        self,
+        kind: str,
+        *,
+        user_id: str | None,
+        origin: Origin,
+        reason: str = "",
+        session_id: str = "",
+    ) -> AuditEvent:
+        """An event stamped with the current time, for a store call to record with its writes."""
+        return AuditEvent(
+            time_ms=self._clock.now_ms(),
+            kind=kind,
+            user_id=user_id,
+            reason=reason[:100],
+            session_id=session_id,
+            ip=origin.ip,
+            user_agent=origin.user_agent,
         )
 
     async def rate_limited(self, *, user_id: str, origin: Origin, reason: str) -> None:

@@ -12,7 +12,14 @@ from typing import TypedDict
 
 from server.domain.clock import Clock
 from server.domain.errors import InvalidArgument, NotFound, Unauthenticated
-from server.domain.models import Identity, Principal, Session, SessionCursor, User
+from server.domain.models import (
+    AuditEvent,
+    Identity,
+    Principal,
+    Session,
+    SessionCursor,
+    User,
+)
 from server.domain.tokens import hash_secret, new_public_id, new_secret
 from server.storage.base import Store, UserDefaults
 
@@ -88,8 +95,13 @@ class Sessions:
         """The expiry rules in force."""
         return self._policy
 
-    async def sign_in(self, identity: Identity, *, user_agent: str) -> NewSession:
-        """Create or update the user and start a brand-new session for them."""
+    async def sign_in(
+        self, identity: Identity, *, user_agent: str, event: AuditEvent | None = None
+    ) -> NewSession:
+        """Create or update the user and start a brand-new session for them.
+
+        `event` is recorded in the same transaction, with the user's and session's ids.
+        """
         now = self._clock.now_ms()
         secret = new_secret()
         draft = Session(
@@ -108,6 +120,7 @@ class Sessions:
             defaults=self._defaults,
             session=draft,
             now_ms=now,
+            event=event,
         )
         return NewSession(user=user, session=session, secret=secret)
 

@@ -118,13 +118,14 @@ class AuthService(auth_connect.AuthService):
                 identity.subject_hash,
                 what="too many sign-ins for this account",
             )
-            created = await self._sessions.sign_in(identity, user_agent=origin.user_agent)
+            created = await self._sessions.sign_in(
+                identity,
+                user_agent=origin.user_agent,
+                event=self._audit.event(SIGN_IN, user_id=None, origin=origin),
+            )
         except DomainError as exc:
             await self._sign_in_refused(identity, origin, exc)
             raise
-        await self._audit.record(
-            SIGN_IN, user_id=created.user.id, origin=origin, session_id=created.session.id
-        )
         ctx.response_headers.add("set-cookie", self._cookies.issue(created.secret))
         if used_nonce:
             ctx.response_headers.add("set-cookie", self._nonces.expire())

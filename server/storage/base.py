@@ -50,11 +50,13 @@ class Store(Protocol):
         defaults: UserDefaults,
         session: Session,
         now_ms: int,
+        event: AuditEvent | None = None,
     ) -> tuple[User, Session]:
         """Create or update the user for `identity` and insert `session` for them, atomically.
 
         `session.user_id` is ignored and replaced by the user's id; `new_user_id`
-        is used only when the user is new.
+        is used only when the user is new. `event`, if given, is appended to the
+        audit log in the same transaction, with the user's and session's ids.
         """
         ...
 

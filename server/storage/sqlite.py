@@ -15,6 +15,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,23 @@ def migrate(path: Path) -> list[str]:
         conn.close()
 
 
+def _insert_event(conn: sqlite3.Connection, event: AuditEvent) -> None:
+    conn.execute(
+        "INSERT INTO audit_events (time_ms, kind, user_id, reason, session_id, ip, "
+        "user_agent, subject_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            event.time_ms,
+            event.kind,
+            event.user_id,
+            event.reason,
+            event.session_id,
+            event.ip,
+            event.user_agent,
+            event.subject_hash,
+        ),
+    )
+
+
 def check_schema(path: Path) -> list[str]:
     """The migrations not yet applied; raises SchemaTooNew for unknown applied ones."""
     conn = connect(path)
@@ -189,8 +207,10 @@ class SQLiteStore:
         defaults: UserDefaults,
         session: Session,
         now_ms: int,
+        event: AuditEvent | None = None,
     ) -> tuple[User, Session]:
-        """Upsert the user by (issuer, subject) and insert the session, in one transaction.
+        """Upsert the user by (issuer, subject), insert the session and record `event`,
+        in one transaction (one commit, and no session without its audit record).
 
         Raises:
             InvalidIdToken: The identity's token was used before (a replay).
@@ -255,6 +275,8 @@ class SQLiteStore:
                     stored.user_agent,
                 ),
             )
+            if event is not None:
+                _insert_event(conn, replace(event, user_id=user.id, session_id=stored.id))
         return user, stored
 
     async def get_user(self, user_id: str) -> User | None:
@@ -381,20 +403,7 @@ class SQLiteStore:
     async def record_event(self, event: AuditEvent) -> None:
         """Append one audit event."""
         with self._write() as conn:
-            conn.execute(
-                "INSERT INTO audit_events (time_ms, kind, user_id, reason, session_id, ip, "
-                "user_agent, subject_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    event.time_ms,
-                    event.kind,
-                    event.user_id,
-                    event.reason,
-                    event.session_id,
-                    event.ip,
-                    event.user_agent,
-                    event.subject_hash,
-                ),
-            )
+            _insert_event(conn, event)
 
     async def list_events(
         self, user_id: str, *, before_id: int | None, limit: int

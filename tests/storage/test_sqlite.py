@@ -8,11 +8,13 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from server.domain.models import Identity, User
+from server.domain.errors import InvalidIdToken
+from server.domain.models import AuditEvent, Identity, User
 from server.domain.sessions import NewSession, SessionPolicy, Sessions
 from server.domain.tokens import CookieSigner
 from server.storage.sqlite import SchemaTooNew, SQLiteStore, check_schema, migrate
@@ -166,3 +168,17 @@ def test_concurrent_first_sign_ins_create_one_user(
         path, "SELECT count(*), count(DISTINCT id) FROM sessions WHERE user_id = ?", user_id
     ) == [(threads_count, threads_count)]
     assert query(path, "SELECT count(*) FROM sessions") == [(threads_count,)]
+
+
+def test_sign_in_records_its_event_in_the_same_transaction(path: Path, sessions: Sessions) -> None:
+    token = replace(ANN, token_hash=hashlib.sha256(b"one token").digest(), token_expire_ms=2**50)
+    event = AuditEvent(time_ms=5, kind="sign_in", ip="192.0.2.1", user_agent="Firefox on Linux")
+
+    new = asyncio.run(sessions.sign_in(token, user_agent="Firefox on Linux", event=event))
+    with pytest.raises(InvalidIdToken):  # a replay: refused as a whole, nothing recorded
+        asyncio.run(sessions.sign_in(token, user_agent="Firefox on Linux", event=event))
+
+    assert query(path, "SELECT kind, user_id, session_id, ip FROM audit_events") == [
+        ("sign_in", new.user.id, new.session.id, "192.0.2.1")
+    ]
+    assert query(path, "SELECT count(*) FROM sessions") == [(1,)]
