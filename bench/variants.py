@@ -5,16 +5,16 @@ change patched in before `create_app` runs; `python -m bench.ab` serves them
 with `expense-auth serve --app bench.variants:NAME` and compares them with the
 unchanged app in interleaved rounds. Nothing here is used by the service.
 
-- `sliding`: the rate limits on limits' sliding-window-counter strategy (O(1)
-  counters) instead of the moving window (a list of timestamps per key, with an
-  insert at the front per hit and a periodic expiry pass in a worker thread).
 - `no_limits`: the two rate-limit interceptors removed: the most a cheaper
   limiter could save.
+- `without_X`: interceptor X replaced by one that does nothing: what X costs.
 - `cheap_request_id`: request ids from a per-process random prefix and a counter
   instead of `secrets.token_hex(8)` (an os.urandom call per request).
 - `signer_cache`: itsdangerous' derived key computed once instead of per call.
 - `no_edge`: without the CORS and security-header middleware (their cost).
-- `combined`: sliding + cheap_request_id + signer_cache.
+- `no_security_headers`: the middleware without its six security headers: what
+  handing them to pyvoy costs per response.
+- `combined`: cheap_request_id + signer_cache.
 """
 
 from __future__ import annotations
@@ -26,31 +26,30 @@ from collections.abc import Callable
 from typing import Any
 
 
-def _sliding() -> None:
-    import limits.aio.strategies
+class _Nothing:
+    """An interceptor that does nothing: stands in for a removed one."""
 
-    import server.domain.throttle as throttle
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
-    setattr(  # noqa: B010 (monkeypatching on purpose)
-        throttle, "MovingWindowRateLimiter", limits.aio.strategies.SlidingWindowCounterRateLimiter
-    )
+    async def on_start(self, ctx: Any) -> None:
+        return None
+
+    async def on_end(self, token: Any, ctx: Any, error: Any) -> None:
+        return None
 
 
-def _no_limits() -> None:
-    import server.app as app
+def _without(*names: str) -> Callable[[], None]:
+    def patch() -> None:
+        import server.app as app
 
-    class Nothing:
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            pass
+        for name in names:
+            setattr(app, name, _Nothing)
 
-        async def on_start(self, ctx: Any) -> None:
-            return None
+    return patch
 
-        async def on_end(self, token: Any, ctx: Any, error: Any) -> None:
-            return None
 
-    setattr(app, "NetworkRateLimit", Nothing)  # noqa: B010
-    setattr(app, "PrincipalRateLimit", Nothing)  # noqa: B010
+_no_limits = _without("NetworkRateLimit", "PrincipalRateLimit")
 
 
 def _cheap_request_id() -> None:
@@ -81,14 +80,32 @@ def _no_edge() -> None:
     setattr(app, "with_edge", lambda router, **kwargs: router)  # noqa: B010
 
 
+def _no_security_headers() -> None:
+    import server.middleware as middleware
+
+    setattr(middleware, "_BASE_HEADERS", ())  # noqa: B010
+
+
 PATCHES: dict[str, tuple[Callable[[], None], ...]] = {
     "baseline": (),
-    "sliding": (_sliding,),
     "no_limits": (_no_limits,),
+    **{
+        f"without_{name}": (_without(name),)
+        for name in (
+            "ErrorBoundary",
+            "ClientAddress",
+            "RequestLogger",
+            "MetricsRecorder",
+            "BrowserGuard",
+            "PrincipalRateLimit",
+            "Deadline",
+        )
+    },
     "cheap_request_id": (_cheap_request_id,),
     "signer_cache": (_signer_cache,),
     "no_edge": (_no_edge,),
-    "combined": (_sliding, _cheap_request_id, _signer_cache),
+    "no_security_headers": (_no_security_headers,),
+    "combined": (_cheap_request_id, _signer_cache),
 }
 
 
