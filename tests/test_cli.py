@@ -153,3 +153,17 @@ def test_dev_token_is_refused_when_the_dev_issuer_is_off(tmp_path: Path) -> None
     )
     assert result.returncode == 2
     assert "development issuer is off" in result.stderr
+
+
+def test_trusted_proxies_are_networks_and_mistakes_are_named() -> None:
+    config = load_config({"TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.7, 2001:db8::/32"})
+    assert [str(net) for net in config.trusted_proxies] == [
+        "10.0.0.0/8",
+        "192.0.2.7/32",
+        "2001:db8::/32",
+    ]
+    with pytest.raises(ConfigError) as err:
+        load_config({"TRUSTED_PROXIES": "10.0.0.1/8,proxy.internal"})
+    message = str(err.value)
+    assert "10.0.0.1/8 has host bits set" in message
+    assert "'proxy.internal' does not appear to be an IPv4 or IPv6 network" in message
