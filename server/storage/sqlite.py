@@ -169,8 +169,43 @@ def check_schema(path: Path) -> list[str]:
         conn.close()
 
 
+# Principals cached per thread (see SQLiteStore.find_principal); beyond this many
+# the cache starts over, so memory stays bounded (~1 KB per entry).
+PRINCIPAL_CACHE_MAX = 10_000
+
+
+class _PrincipalCache:
+    """One thread's principals by token hash, valid for one `PRAGMA data_version`."""
+
+    def __init__(self, data_version: int) -> None:
+        self.data_version = data_version
+        self.by_token: dict[bytes, Principal] = {}
+        self.token_of_session: dict[str, bytes] = {}
+
+    def add(self, token_hash: bytes, principal: Principal) -> None:
+        if len(self.by_token) >= PRINCIPAL_CACHE_MAX:
+            self.by_token.clear()
+            self.token_of_session.clear()
+        self.by_token[token_hash] = principal
+        self.token_of_session[principal.session.id] = token_hash
+
+    def forget_session(self, session_id: str) -> None:
+        token_hash = self.token_of_session.pop(session_id, None)
+        if token_hash is not None:
+            self.by_token.pop(token_hash, None)
+
+
 class SQLiteStore:
-    """Users and sessions in one SQLite file."""
+    """Users and sessions in one SQLite file.
+
+    `find_principal` (every authenticated call) is served from a per-thread cache
+    that is exactly as fresh as the database: any write transaction of this
+    thread empties it, and `PRAGMA data_version`, read on every lookup, changes
+    when any other connection (another thread, the CLI, another process) has
+    committed, which empties it too. A revocation therefore takes effect on the
+    very next request, as without the cache. Only `touch_session`, which moves
+    `last_seen_ms` forward, forgets just the session it touched.
+    """
 
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -189,7 +224,7 @@ class SQLiteStore:
         return conn
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, forget_principals: bool = True) -> Iterator[sqlite3.Connection]:
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -198,6 +233,16 @@ class SQLiteStore:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        if forget_principals:
+            self._local.principals = None
+
+    def _principals(self, conn: sqlite3.Connection) -> _PrincipalCache:
+        """This thread's principal cache, emptied if another connection has written."""
+        version: int = conn.execute("PRAGMA data_version").fetchone()[0]
+        cache: _PrincipalCache | None = getattr(self._local, "principals", None)
+        if cache is None or cache.data_version != version:
+            cache = self._local.principals = _PrincipalCache(version)
+        return cache
 
     async def sign_in(
         self,
@@ -303,8 +348,13 @@ class SQLiteStore:
         return _user(row) if row else None
 
     async def find_principal(self, token_hash: bytes) -> Principal | None:
-        """The session with this token hash, and its user (one indexed join)."""
-        row = self._conn.execute(
+        """The session with this token hash, and its user (cached; else one indexed join)."""
+        conn = self._conn
+        cache = self._principals(conn)
+        cached = cache.by_token.get(token_hash)
+        if cached is not None:
+            return cached
+        row = conn.execute(
             """
             SELECT s.id, s.user_id, s.token_hash, s.create_ms, s.last_seen_ms, s.expire_ms,
                    s.revoke_ms, s.user_agent,
@@ -318,15 +368,20 @@ class SQLiteStore:
         ).fetchone()
         if row is None:
             return None
-        return Principal(session=_session(row[:8]), user=_user(row[8:]))
+        principal = Principal(session=_session(row[:8]), user=_user(row[8:]))
+        cache.add(token_hash, principal)
+        return principal
 
     async def touch_session(self, session_id: str, *, last_seen_ms: int) -> None:
         """Move `last_seen_ms` forward (never back)."""
-        with self._write() as conn:
+        with self._write(forget_principals=False) as conn:
             conn.execute(
                 "UPDATE sessions SET last_seen_ms = max(last_seen_ms, ?) WHERE id = ?",
                 (last_seen_ms, session_id),
             )
+        cache: _PrincipalCache | None = getattr(self._local, "principals", None)
+        if cache is not None:
+            cache.forget_session(session_id)
 
     async def revoke_session(
         self,

@@ -7,6 +7,7 @@ import hashlib
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from server.domain.errors import InvalidIdToken
-from server.domain.models import AuditEvent, Identity, User
+from server.domain.models import AuditEvent, Identity, Principal, User
 from server.domain.sessions import NewSession, SessionPolicy, Sessions
 from server.domain.tokens import CookieSigner
 from server.storage.sqlite import SchemaTooNew, SQLiteStore, check_schema, migrate
@@ -182,3 +183,53 @@ def test_sign_in_records_its_event_in_the_same_transaction(path: Path, sessions:
         ("sign_in", new.user.id, new.session.id, "192.0.2.1")
     ]
     assert query(path, "SELECT count(*) FROM sessions") == [(1,)]
+
+
+def principal_of(store: SQLiteStore, new: NewSession) -> Principal:
+    principal = asyncio.run(store.find_principal(hashlib.sha256(new.secret.encode()).digest()))
+    assert principal is not None
+    return principal
+
+
+def test_cached_principals_see_this_process_s_writes_at_once(
+    store: SQLiteStore, sessions: Sessions
+) -> None:
+    new = asyncio.run(sessions.sign_in(ANN, user_agent=""))
+    assert principal_of(store, new).session.revoke_ms is None  # now cached
+    asyncio.run(store.touch_session(new.session.id, last_seen_ms=new.session.last_seen_ms + 5))
+    assert principal_of(store, new).session.last_seen_ms == new.session.last_seen_ms + 5
+    asyncio.run(store.revoke_session(new.user.id, new.session.id, now_ms=7, idle_cutoff_ms=0))
+    assert principal_of(store, new).session.revoke_ms == 7
+
+
+def test_cached_principals_see_other_connections_writes_at_once(
+    path: Path, store: SQLiteStore, sessions: Sessions
+) -> None:
+    """Another process (the CLI, a second store, sqlite3 by hand) writes: the cache notices."""
+    new = asyncio.run(sessions.sign_in(ANN, user_agent=""))
+    assert principal_of(store, new).user.disabled_ms is None  # now cached
+
+    other = SQLiteStore(path)
+    try:
+        asyncio.run(other.set_disabled(new.user.id, disabled=True, now_ms=11, idle_cutoff_ms=0))
+    finally:
+        other.close()
+    assert principal_of(store, new).user.disabled_ms == 11
+
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("UPDATE sessions SET revoke_ms = 12")
+    assert principal_of(store, new).session.revoke_ms == 12
+
+
+def test_cached_principals_in_another_thread_see_writes_made_here(
+    store: SQLiteStore, sessions: Sessions
+) -> None:
+    new = asyncio.run(sessions.sign_in(ANN, user_agent=""))
+    with ThreadPoolExecutor(max_workers=1) as worker:  # one thread, its own connection and cache
+
+        def look() -> int | None:
+            return worker.submit(principal_of, store, new).result().session.revoke_ms
+
+        assert look() is None  # cached in the worker thread
+        asyncio.run(store.revoke_session(new.user.id, new.session.id, now_ms=9, idle_cutoff_ms=0))
+        assert look() == 9
