@@ -1,9 +1,14 @@
 """A short, privacy-friendly summary of a User-Agent header ("Chrome on macOS").
 
-Parsing uses ua-parser (the maintained uap-core rules) on its Rust regex
-engine; only the summary is stored, never the full header. The parser is built
-with the browser and OS rules only: the 633 device rules, which a summary never
-reads, would double its memory (~26 MB instead of ~12 MB).
+Parsing uses ua-parser (the maintained uap-core rules); only the summary is
+stored, never the full header. The parser has the browser and OS rules only (a
+summary never reads the 633 device rules) on Python's `re`, behind the
+library's own S3-FIFO cache of 2,000 strings, which is how ua-parser itself
+builds its default parser. Measured: ~1.6 MB for the compiled rules, ~0.4 ms
+for a string not in the cache, a few microseconds for one in it. Browsers send
+few distinct strings (Chrome and Edge reduce theirs to the major version), so
+nearly every sign-in hits the cache. The Rust engine (`ua-parser[regex]`)
+parses a new string in ~18 us but holds ~12 MB of compiled rules for it.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ import functools
 import re
 
 import ua_parser
-import ua_parser.regex
 
 MAX_HEADER = 512
+CACHE_SIZE = 2000
 _PRODUCT = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,40}")
 _OS_NAMES = {"Mac OS X": "macOS"}
 
@@ -40,9 +45,10 @@ def summarize(header: str) -> str:
 @functools.cache
 def _parser() -> ua_parser.Parser:
     agents, systems, _devices = ua_parser.load_builtins()
-    return ua_parser.Parser(ua_parser.regex.Resolver((agents, systems, [])))
+    resolver = ua_parser.BasicResolver((agents, systems, []))
+    return ua_parser.Parser(ua_parser.CachingResolver(resolver, ua_parser.Cache(CACHE_SIZE)))
 
 
 def warm_up() -> None:
-    """Load the parser's rules now (~0.25 s) rather than during the first sign-in."""
+    """Compile the parser's rules now (~0.15 s) rather than during the first sign-in."""
     summarize("Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0")
