@@ -12,6 +12,8 @@ unchanged app in interleaved rounds. Nothing here is used by the service.
   instead of `secrets.token_hex(8)` (an os.urandom call per request).
 - `signer_cache`: itsdangerous' derived key computed once instead of per call.
 - `no_edge`: without the CORS and security-header middleware (their cost).
+- `no_principal_cache`: every session lookup goes to SQLite (the cache of
+  SQLiteStore.find_principal off): what the cache saves.
 - `no_security_headers`: the middleware without its six security headers: what
   handing them to pyvoy costs per response.
 - `combined`: cheap_request_id + signer_cache.
@@ -86,6 +88,15 @@ def _no_security_headers() -> None:
     setattr(middleware, "_BASE_HEADERS", ())  # noqa: B010
 
 
+def _no_principal_cache() -> None:
+    from server.storage import sqlite
+
+    def fresh(self: Any, conn: Any) -> Any:
+        return sqlite._PrincipalCache(0)
+
+    setattr(sqlite.SQLiteStore, "_principals", fresh)  # noqa: B010
+
+
 PATCHES: dict[str, tuple[Callable[[], None], ...]] = {
     "baseline": (),
     "no_limits": (_no_limits,),
@@ -105,6 +116,7 @@ PATCHES: dict[str, tuple[Callable[[], None], ...]] = {
     "signer_cache": (_signer_cache,),
     "no_edge": (_no_edge,),
     "no_security_headers": (_no_security_headers,),
+    "no_principal_cache": (_no_principal_cache,),
     "combined": (_cheap_request_id, _signer_cache),
 }
 
