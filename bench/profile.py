@@ -48,7 +48,7 @@ OWNERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("SQLite session+user lookup (find_principal)", ("server/storage/sqlite.py",)),
     (
-        "rate limiting (limits moving window, memory)",
+        "rate limiting (throttle: MemoryWindows, or limits for Redis)",
         ("limits/", "server/domain/throttle.py", "interceptors/rate_limit.py"),
     ),
     ("request logging interceptor", ("interceptors/logging.py", "logging/__init__.py")),
@@ -66,12 +66,12 @@ OWNERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 FRAMEWORK: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
-        "thread-pool worker (limits' expiry pass runs via asyncio.to_thread)",
+        "thread-pool worker (asyncio.to_thread)",
         ("concurrent/futures/thread.py",),
     ),
     ("asyncio (tasks, locks, timeouts, to_thread)", ("asyncio/",)),
     ("connectrpc framework (interceptor chain, request/response plumbing)", ("connectrpc/",)),
-    ("security headers middleware", ("server/middleware.py",)),
+    ("edge middleware (header check, security headers)", ("server/middleware.py",)),
     ("CORS middleware (starlette)", ("starlette/",)),
     ("router", ("server/router.py",)),
     ("receive_fix", ("server/receive_fix.py",)),
