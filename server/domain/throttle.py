@@ -13,8 +13,7 @@ an atomic check-and-count, so concurrent requests cannot overshoot.
   cost ~20 us per hit (an asyncio lock, two key lookups and an expiry pass over
   every key in a worker thread every 10 ms); the hot path makes three hits per
   call, which was ~15 % of its CPU (bench/variants.py, `no_limits`). Here a hit
-  is a dict lookup and two integer updates, and stale keys are swept once a
-  minute.
+  is two dict lookups and an integer update, and old windows are dropped whole.
 """
 
 from __future__ import annotations
@@ -51,46 +50,37 @@ POLICIES = (
 )
 
 
-SWEEP_INTERVAL_S = 60.0
-
-
 class MemoryWindows:
     """Sliding-window counters for one limit (`amount` per `window_s`), in memory.
 
-    Windows are aligned to the epoch, as in `limits`. A key's entry is
-    `[window index, previous window's count, current window's count]`, rolled
-    forward lazily when the key is next seen; entries whose windows have both
-    ended are dropped by a sweep at most once a minute.
+    Windows are aligned to the epoch, as in `limits`. Counts are kept per window
+    (window index -> key -> count); only the current and the previous window are
+    read, and a window's counts are dropped as a whole once it is two windows old,
+    so memory follows the keys seen recently and no pass over the keys is needed.
     """
 
     def __init__(self, amount: int, window_s: int, *, now: Callable[[], float]) -> None:
         self._amount = amount
         self._window_s = window_s
         self._now = now
-        self._entries: dict[str, list[int]] = {}
+        self._counts: dict[int, dict[str, int]] = {}
         self._lock = threading.Lock()  # uncontended on the event loop; safe from any thread
-        self._next_sweep = now() + SWEEP_INTERVAL_S
 
     def hit(self, key: str, *, count: bool = True, refuse: bool = True) -> bool:
         """Whether one more request fits; counts it if it does (or if `refuse` is off)."""
         now = self._now()
         index = int(now // self._window_s)
         with self._lock:
-            if now >= self._next_sweep:
-                self._sweep(index)
-                self._next_sweep = now + SWEEP_INTERVAL_S
-            entry = self._entries.get(key)
-            if entry is None:
-                entry = self._entries[key] = [index, 0, 0]
-            elif entry[0] != index:
-                entry[1] = entry[2] if entry[0] == index - 1 else 0
-                entry[2] = 0
-                entry[0] = index
+            current = self._counts.get(index)
+            if current is None:
+                current = self._start_window(index)
+            previous = self._counts.get(index - 1)
+            earlier = previous.get(key, 0) if previous else 0
+            counted = current.get(key, 0)
             elapsed = now / self._window_s - index  # fraction of the current window gone
-            weighted = entry[1] * (1.0 - elapsed) + entry[2]
-            fits = math.floor(weighted) + 1 <= self._amount
+            fits = math.floor(earlier * (1.0 - elapsed) + counted) + 1 <= self._amount
             if count and (fits or not refuse):
-                entry[2] += 1
+                current[key] = counted + 1
             return fits
 
     def retry_after_s(self, key: str) -> int:
@@ -98,13 +88,8 @@ class MemoryWindows:
         now = self._now()
         index = int(now // self._window_s)
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is None or entry[0] < index - 1:
-                return 1
-            if entry[0] == index - 1:
-                previous, current = entry[2], 0
-            else:
-                previous, current = entry[1], entry[2]
+            previous = self._counts.get(index - 1, {}).get(key, 0)
+            current = self._counts.get(index, {}).get(key, 0)
         limit = self._amount
         start = index * self._window_s
         if current < limit and previous > 0:
@@ -117,13 +102,15 @@ class MemoryWindows:
         return max(1, math.ceil(at - now))
 
     def __len__(self) -> int:
-        """How many keys are held."""
-        return len(self._entries)
+        """How many counts are held (a key seen in both windows counts twice)."""
+        return sum(len(counts) for counts in self._counts.values())
 
-    def _sweep(self, index: int) -> None:
-        stale = [key for key, entry in self._entries.items() if entry[0] < index - 1]
-        for key in stale:
-            del self._entries[key]
+    def _start_window(self, index: int) -> dict[str, int]:
+        for old in [i for i in self._counts if i < index - 1]:
+            del self._counts[old]
+        current: dict[str, int] = {}
+        self._counts[index] = current
+        return current
 
 
 class Throttle:
