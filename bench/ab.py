@@ -28,6 +28,7 @@ from bench.run import (
     REPO,
     TMP,
     prepare_scale,
+    server_env,
 )
 
 
@@ -49,15 +50,8 @@ def main() -> int:
     run_dir = TMP / f"ab-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True)
     session_key = data.new_session_key()
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": os.environ.get("HOME", "/root"),
-        "APP_ENV": "development",
-        "LOG_LEVEL": "WARNING",
-        "PYTHONPATH": f"{REPO / 'bench' / 'shield'}:{REPO}",
-        "SESSION_SECRET_KEY": session_key,
-        **(RATE_LIMITS if args.rate_limit is None else dict.fromkeys(RATE_LIMITS, args.rate_limit)),
-    }
+    limits = {} if args.rate_limit is None else dict.fromkeys(RATE_LIMITS, args.rate_limit)
+    env = server_env(session_key, **limits)
     names = ["echo", "baseline", *args.variants.split(",")]
     servers: dict[str, procs.Server] = {}
     cookies: dict[str, str] = {}

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.run import COOKIE_NAME, GET_SESSION, RATE_LIMITS, REPO, SIGN_IN
+from bench.run import COOKIE_NAME, GET_SESSION, SIGN_IN, server_env
 from server.identity.dev_issuer import DevIssuer
 
 IN_FLIGHT = 16
@@ -153,15 +153,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="inproc-"))
     key = data.new_session_key()
-    env = {
-        **os.environ,
-        "APP_ENV": "development",
-        "LOG_LEVEL": "WARNING",
-        "DATA_DIR": str(tmp),
-        "SESSION_SECRET_KEY": key,
-        "PYTHONPATH": f"{REPO / 'bench' / 'shield'}:{REPO}",
-        **RATE_LIMITS,
-    }
+    env = {**os.environ, **server_env(key, DATA_DIR=str(tmp))}
     data.migrate(tmp, env, Path(sys.executable).parent / "expense-auth")
     seeded = data.seed(tmp, 1000)
     env["BENCH_COOKIE"] = data.cookie(key, seeded.hot_secret)

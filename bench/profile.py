@@ -32,11 +32,11 @@ from bench.run import (
     COOKIE_NAME,
     GET_SESSION,
     HEALTH_CHECK,
-    RATE_LIMITS,
     REPO,
     RESULTS,
     TMP,
     prepare_scale,
+    server_env,
 )
 
 # (concern, path fragments). An owner is code that does a job of its own; the
@@ -155,16 +155,7 @@ def main() -> int:
     os.sched_setaffinity(0, {int(procs.LOAD_CPU)})
     run_dir = TMP / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"
     session_key = data.new_session_key()
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": os.environ.get("HOME", "/root"),
-        "APP_ENV": "development",
-        "LOG_LEVEL": "WARNING",
-        "PYTHONPATH": f"{REPO / 'bench' / 'shield'}:{REPO}",
-        "SESSION_SECRET_KEY": session_key,
-        **RATE_LIMITS,
-        "ADMIN_PORT": "0",
-    }
+    env = server_env(session_key)
     secret = prepare_scale(1_000, run_dir / "data", env)
     cookie = data.cookie(session_key, secret)
     echo = args.app != "server.asgi:app"

@@ -161,6 +161,22 @@ class CertsCounter:
         self._server.shutdown()
 
 
+def server_env(session_key: str, **extra: str) -> dict[str, str]:
+    """The environment of a server under test: development issuer, WARNING logs, the
+    bench's rate limits, numpy hidden (bench/shield), plus `extra` (which wins)."""
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": os.environ.get("HOME", "/root"),
+        "APP_ENV": "development",
+        "LOG_LEVEL": "WARNING",
+        "PYTHONPATH": f"{REPO / 'bench' / 'shield'}:{REPO}",
+        "SESSION_SECRET_KEY": session_key,
+        **RATE_LIMITS,
+        "ADMIN_PORT": "0",  # each server's admin listener (if any) on a free port
+        **extra,
+    }
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -617,18 +633,12 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True)
     certs = CertsCounter()
     session_key = data.new_session_key()
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": os.environ.get("HOME", str(run_dir)),
-        "APP_ENV": "development",
-        "LOG_LEVEL": "WARNING",
-        "PYTHONPATH": f"{REPO / 'bench' / 'shield'}:{REPO}",
-        "SESSION_SECRET_KEY": session_key,
-        "GOOGLE_CLIENT_ID": GOOGLE_CLIENT_ID,
-        "GOOGLE_CERTS_URL": certs.url,
-        **RATE_LIMITS,
-        "ADMIN_PORT": "0",  # each server's admin listener (if any) on a free port
-    }
+    env = server_env(
+        session_key,
+        HOME=os.environ.get("HOME", str(run_dir)),
+        GOOGLE_CLIENT_ID=GOOGLE_CLIENT_ID,
+        GOOGLE_CERTS_URL=certs.url,
+    )
     info = machine()
     servers: dict[str, procs.Server] = {}
     try:
