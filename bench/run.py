@@ -47,6 +47,7 @@ from typing import Any
 
 from bench import data, load, procs, report
 from bench.load import GRPC, H1, PROTOCOLS, Request, Run
+from server.domain.throttle import POLICIES
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -54,18 +55,7 @@ RESULTS = REPO / "bench" / "results"
 TMP = RESULTS / "tmp"
 # Bench-only: every limit far above what one core can serve, so that nothing is
 # refused; the limiter still does its full work per call (GENEROUS_LIMITS style).
-RATE_LIMITS = {
-    f"RATE_LIMIT_{name.upper()}": "1000000/minute"
-    for name in (
-        "global",
-        "signin_per_ip",
-        "signin_per_subject",
-        "failed_signin_per_ip",
-        "unauthenticated_per_ip",
-        "per_session",
-        "per_user",
-    )
-}
+RATE_LIMITS = {f"RATE_LIMIT_{name.upper()}": "1000000/minute" for name in POLICIES}
 GOOGLE_CLIENT_ID = "1234567890-bench.apps.googleusercontent.com"
 COOKIE_NAME = "expense_session"
 GET_SESSION = "/expense.auth.v1.AuthService/GetSession"

@@ -4,6 +4,9 @@ The TCP peer is the client, unless the peer is one of the configured trusted
 proxies: then the client is the right-most X-Forwarded-For hop that is not a
 trusted proxy (hops to its left were written by the client and prove nothing).
 A header from an untrusted peer is ignored entirely.
+
+Per-client rate limits key on the client's network (`client_network()`): IPv4
+by address, IPv6 by its /64 (see `server.domain.throttle.network_key`).
 """
 
 from __future__ import annotations
@@ -16,15 +19,23 @@ from typing import Any
 
 from connectrpc.request import RequestContext
 
+from server.domain.throttle import network_key
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _client_ip: ContextVar[str] = ContextVar("expense_auth_client_ip", default="")
+_client_network: ContextVar[str] = ContextVar("expense_auth_client_network", default="")
 
 
 def client_ip() -> str:
     """The current call's client IP ("" outside a call or when unknown)."""
     return _client_ip.get()
+
+
+def client_network() -> str:
+    """The current call's client, as per-client rate limits key it."""
+    return _client_network.get()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -67,16 +78,22 @@ def resolve(peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[IP
 class ClientAddress:
     """Resolves the client IP once per call for the interceptors after it."""
 
-    def __init__(self, trusted_proxies: Sequence[IPNetwork]) -> None:
+    def __init__(self, trusted_proxies: Sequence[IPNetwork], *, ipv6_prefix: int = 64) -> None:
         self._trusted = list(trusted_proxies)
+        self._ipv6_prefix = ipv6_prefix
 
-    async def on_start(self, ctx: RequestContext[Any, Any]) -> Token[str]:
-        """Resolve and remember the client IP."""
+    async def on_start(self, ctx: RequestContext[Any, Any]) -> tuple[Token[str], Token[str]]:
+        """Resolve and remember the client IP and network."""
         forwarded = ctx.request_headers.getall("x-forwarded-for") if self._trusted else ()
-        return _client_ip.set(resolve(ctx.client_address, forwarded, self._trusted))
+        ip = resolve(ctx.client_address, forwarded, self._trusted)
+        return _client_ip.set(ip), _client_network.set(network_key(ip, self._ipv6_prefix))
 
     async def on_end(
-        self, token: Token[str], ctx: RequestContext[Any, Any], error: Exception | None
+        self,
+        tokens: tuple[Token[str], Token[str]],
+        ctx: RequestContext[Any, Any],
+        error: Exception | None,
     ) -> None:
-        """Forget it."""
-        _client_ip.reset(token)
+        """Forget them."""
+        _client_ip.reset(tokens[0])
+        _client_network.reset(tokens[1])

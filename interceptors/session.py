@@ -52,12 +52,12 @@ class SessionInterceptor:
         """Load the session named by the cookie; refuse the call without one."""
         if procedure_of(ctx) in self._public:
             return None
-        secret = self._cookies.secret_from(ctx.request_headers.getall("cookie"))
+        cookie_headers = ctx.request_headers.getall("cookie")
+        secret = self._cookies.secret_from(cookie_headers)
         if secret is None:
-            has_cookie = any(
-                self._cookies.name + "=" in h for h in ctx.request_headers.getall("cookie")
-            )
-            if has_cookie:
+            # Expire only a session cookie of ours that failed, never because of
+            # other cookies whose names merely contain ours.
+            if self._cookies.present(cookie_headers):
                 ctx.response_headers.add("set-cookie", self._cookies.expire())
                 raise Unauthenticated(
                     "the session cookie is not valid; sign in again", reason="bad_cookie"

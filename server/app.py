@@ -18,7 +18,7 @@ from connectrpc_grpcreflect import (
     ServerReflectionService,
 )
 from pydantic import SecretStr
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Scope
 
 from gen.expense.admin.v1.admin_connect import AdminServiceASGIApplication
 from gen.expense.auth.v1 import auth_pb
@@ -34,7 +34,7 @@ from interceptors.deadline import Deadline
 from interceptors.errors import ErrorBoundary
 from interceptors.logging import RequestLogger
 from interceptors.metrics import MetricsRecorder
-from interceptors.rate_limit import NetworkRateLimit, PrincipalRateLimit
+from interceptors.rate_limit import NetworkRateLimit, PrincipalRateLimit, ProbeRateLimit
 from interceptors.session import SessionInterceptor
 from server import telemetry
 from server.codecs import DepthLimitedJSONCodec
@@ -64,6 +64,7 @@ from server.rpc.nonces import SignInNonces
 from server.rpc.page_tokens import PageTokens
 from server.rpc.user import UserService
 from server.rpc.user_agent import warm_up
+from server.storage.files import private_dir
 from server.storage.sqlite import SQLiteStore, check_schema
 
 # Requests to this API are tiny (the largest is a ~1.5 KB ID token); refusing
@@ -75,6 +76,12 @@ PUBLIC_PROCEDURES = frozenset(
     {
         "/expense.auth.v1.AuthService/SignIn",
         "/expense.auth.v1.AuthService/CreateSignInNonce",
+    }
+)
+REFLECTION_PROCEDURES = frozenset(
+    {
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
     }
 )
 
@@ -112,7 +119,7 @@ def session_keys(config: Config) -> list[str]:
 
 def _dev_secret(data_dir: Path) -> str:
     path = data_dir / DEV_SECRET_FILE
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -136,6 +143,7 @@ def build_verifier(config: Config, *, clock: Clock, dev: DevIssuer | None) -> Id
         issuers=issuers,
         clock_skew_s=config.id_token_clock_skew_seconds,
         require_verified_email=config.google_require_verified_email,
+        clock=clock,
     )
 
 
@@ -201,14 +209,20 @@ def create_app(
     edge: Sequence[Interceptor] = (
         *([otel] if otel is not None else []),
         ErrorBoundary(),
-        ClientAddress(config.trusted_proxies),
+        ClientAddress(config.trusted_proxies, ipv6_prefix=config.rate_limit_ipv6_prefix),
         RequestLogger(),
         MetricsRecorder(metrics),
+    )
+    network_limit = NetworkRateLimit(throttle, public=PUBLIC_PROCEDURES | REFLECTION_PROCEDURES)
+    probe_limit = ProbeRateLimit(
+        throttle,
+        trusted_proxies=config.trusted_proxies,
+        ipv6_prefix=config.rate_limit_ipv6_prefix,
     )
     authenticated: Sequence[Interceptor] = (
         *edge,
         BrowserGuard(config.cors_allowed_origin),
-        NetworkRateLimit(throttle, session_cookie=cookies.name),
+        network_limit,
         SessionInterceptor(sessions, cookies, public=PUBLIC_PROCEDURES),
         PrincipalRateLimit(throttle, public=PUBLIC_PROCEDURES, audit_log=audit_log),
         Deadline(config.request_timeout_seconds),
@@ -249,18 +263,20 @@ def create_app(
     public_apps = [
         AuthServiceASGIApplication(auth, interceptors=authenticated, **limits),
         UserServiceASGIApplication(user, interceptors=authenticated, **limits),
-        HealthASGIApplication(health, interceptors=edge, **limits),
+        HealthASGIApplication(health, interceptors=(*edge, probe_limit), **limits),
         ServerReflectionASGIApplication(
-            ServerReflectionService(*files), interceptors=edge, **limits
+            ServerReflectionService(*files), interceptors=(*edge, network_limit), **limits
         ),
         ServerReflectionAlphaASGIApplication(
-            ServerReflectionAlphaService(*files), interceptors=edge, **limits
+            ServerReflectionAlphaService(*files), interceptors=(*edge, network_limit), **limits
         ),
     ]
-    routes: dict[str, Route] = {"/healthz": healthz, "/readyz": readiness.readyz}
+    routes: dict[str, Route] = {
+        "/healthz": probe_limit.route(healthz),
+        "/readyz": probe_limit.route(readiness.readyz),
+    }
     if dev is not None:
-        certs = PlainResponse.json(200, dev.certs())
-        routes["/dev/certs"] = lambda: _constant(certs)
+        routes["/dev/certs"] = _constant(PlainResponse.json(200, dev.certs()))
 
     jobs = _jobs(config, store, clock)
     public = Router(
@@ -319,8 +335,11 @@ def _closer(store: SQLiteStore) -> Callable[[], Awaitable[None]]:
     return close
 
 
-async def _constant(response: PlainResponse) -> PlainResponse:
-    return response
+def _constant(response: PlainResponse) -> Route:
+    async def route(scope: Scope) -> PlainResponse:
+        return response
+
+    return route
 
 
 def _secret(value: SecretStr | None) -> str | None:

@@ -17,6 +17,7 @@ from server.domain.retention import Retention, RetentionPolicy
 from server.identity.dev_issuer import DEV_AUDIENCE, DevIssuer
 from server.readiness import SHUTDOWN_MARKER_ENV
 from server.storage.backup import BackupError, backup, restore
+from server.storage.files import UMASK, open_to_others, private_dir, tighten_database
 from server.storage.sqlite import SchemaTooNew, SQLiteStore, check_schema, migrate
 
 log = logging.getLogger("expense_auth.cli")
@@ -136,7 +137,7 @@ def _restore(config: Config, src: Path) -> int:
 
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
-    from server.serve import AdminListener, serve
+    from server.serve import AdminListener, PortInUse, StartupError, serve
 
     if not args.no_migrate:
         _migrate(config)
@@ -155,8 +156,9 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
             host=config.admin_host,
             port=config.admin_port,
         )
+    _check_file_modes(config)
     run_dir = config.data_dir / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(run_dir)
     marker = run_dir / f"shutdown-{os.getpid()}"
     marker.unlink(missing_ok=True)
     try:
@@ -171,14 +173,38 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
                 tls_key_file=config.tls_key_file,
                 admin=admin,
                 shutdown_marker=marker,
+                https=config.https,
             )
         )
+    except (PortInUse, StartupError) as exc:
+        print(f"expense-auth: {exc}", file=sys.stderr)
+        return 2
     finally:
         marker.unlink(missing_ok=True)
 
 
+def _check_file_modes(config: Config) -> None:
+    """Make the database files private, and warn when their directory is not."""
+    for directory in {config.data_dir, config.sqlite_path.parent}:
+        mode = open_to_others(directory)
+        if mode is not None:
+            log.warning(
+                "data directory is open to other users; run: chmod 700 DIR",
+                extra={"directory": str(directory), "mode": f"{mode:04o}"},
+            )
+    changed = tighten_database(config.sqlite_path)
+    if changed:
+        log.warning(
+            "database files were readable by others; made them 0600",
+            extra={"files": ",".join(changed)},
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
+    # Everything the service writes (database, backups, keys) is for its own
+    # user only, whatever umask it was started with.
+    os.umask(UMASK)
     args = _parser().parse_args(argv)
     try:
         config = load_config()

@@ -7,8 +7,10 @@ naming the variable, so that an operator fixes the environment in one go.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -42,6 +44,12 @@ IPNetwork = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, PlainValida
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 MIN_SECRET_BYTES = 32
+# A random 32-byte key in base64url carries ~190 bits by this estimate; 32 x "a"
+# carries 0, and a short repeated pattern little more.
+MIN_SECRET_ENTROPY_BITS = 128
+# The widest network production believes X-Forwarded-For from (10.0.0.0/8 and
+# the IPv6 unique-local fc00::/7 pass).
+_MIN_PROXY_PREFIX = {4: 8, 6: 7}
 _ORIGIN = re.compile(
     r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?"
 )
@@ -58,6 +66,20 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def estimated_entropy_bits(secret: str) -> float:
+    """The secret's length times the Shannon entropy of its characters.
+
+    An estimate, not a guarantee: it catches keys typed by hand (`aaaa...`,
+    `password123password123...`), not every weak key.
+    """
+    if not secret:
+        return 0.0
+    counts = Counter(secret)
+    total = len(secret)
+    per_char = max(0.0, -sum(n / total * math.log2(n / total) for n in counts.values()))
+    return per_char * total
 
 
 def _split_csv(value: Any) -> Any:
@@ -93,10 +115,13 @@ class Config(BaseModel):
     signin_nonce_required: bool | None = None
     request_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     rate_limit_storage_url: str = "memory://"
-    rate_limit_signin_per_ip: str = "10/minute;60/hour"
+    rate_limit_signin_per_ip: str = "60/minute"
     rate_limit_signin_per_subject: str = "10/minute;30/hour"
-    rate_limit_failed_signin_per_ip: str = "20/hour"
+    rate_limit_failed_signin_per_ip: str = "5/minute;20/hour"
+    rate_limit_failed_signin_per_subject: str = "5/minute;20/hour"
     rate_limit_unauthenticated_per_ip: str = "120/minute"
+    rate_limit_probe_per_ip: str = "10/second"
+    rate_limit_ipv6_prefix: int = Field(default=64, ge=32, le=128)
     rate_limit_per_session: str = "300/minute"
     rate_limit_per_user: str = "600/minute"
     rate_limit_global: str = "2000/second"
@@ -138,7 +163,9 @@ class Config(BaseModel):
         "rate_limit_signin_per_ip",
         "rate_limit_signin_per_subject",
         "rate_limit_failed_signin_per_ip",
+        "rate_limit_failed_signin_per_subject",
         "rate_limit_unauthenticated_per_ip",
+        "rate_limit_probe_per_ip",
         "rate_limit_per_session",
         "rate_limit_per_user",
         "rate_limit_global",
@@ -226,9 +253,48 @@ class Config(BaseModel):
                     "DEV_IDENTITY_ENABLED: the development issuer must be off in production; "
                     "unset it or set it to false"
                 )
+            problems += self._production_hardening()
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _production_hardening(self) -> list[str]:
+        """What production refuses beyond the basics: each a way to weaken it silently."""
+        problems: list[str] = []
+        if not self.google_certs_url.startswith("https://"):
+            problems.append(
+                "GOOGLE_CERTS_URL: must be an https:// URL in production (over plain HTTP "
+                "anyone on the path could hand us keys to sign our own tokens), got "
+                f"{self.google_certs_url[:80]!r}"
+            )
+        for origin in self.cors_allowed_origin:
+            if not origin.startswith("https://"):
+                problems.append(
+                    f"CORS_ALLOWED_ORIGIN: must be https:// origins in production (the cookie "
+                    f"is Secure), got {origin!r}"
+                )
+        for i, key in enumerate(self.session_secret_key):
+            bits = estimated_entropy_bits(key.get_secret_value())
+            if bits < MIN_SECRET_ENTROPY_BITS:
+                problems.append(
+                    f"SESSION_SECRET_KEY: key #{i + 1} looks guessable (about {bits:.0f} bits "
+                    f"of entropy, at least {MIN_SECRET_ENTROPY_BITS} needed); generate one "
+                    f"with: {_KEYGEN_HINT}"
+                )
+        token = self.admin_token.get_secret_value() if self.admin_token else ""
+        if token and estimated_entropy_bits(token) < MIN_SECRET_ENTROPY_BITS:
+            problems.append(
+                f"ADMIN_TOKEN: looks guessable (at least {MIN_SECRET_ENTROPY_BITS} bits of "
+                f"entropy needed); generate one with: {_KEYGEN_HINT}"
+            )
+        for network in self.trusted_proxies:
+            if network.prefixlen < _MIN_PROXY_PREFIX[network.version]:
+                problems.append(
+                    f"TRUSTED_PROXIES: {network} trusts X-Forwarded-For from "
+                    f"{'everyone' if network.prefixlen == 0 else 'a huge range'}, so any "
+                    "client could choose its own address; list your proxies' own networks"
+                )
+        return problems
 
     @property
     def production(self) -> bool:

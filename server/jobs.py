@@ -10,6 +10,7 @@ from pathlib import Path
 
 from server.domain.retention import Retention
 from server.storage.backup import BackupError, backup, prune
+from server.storage.files import private_dir
 
 log = logging.getLogger("expense_auth.jobs")
 
@@ -63,7 +64,7 @@ def backup_job(
 
     async def step() -> None:
         before()
-        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(private_dir, directory)
         try:
             path = await asyncio.to_thread(backup, db_path, directory)
         except BackupError as exc:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.types import Scope
 
 from server.router import PlainResponse
 
@@ -69,7 +70,7 @@ class Metrics:
         """Register values computed when scraped."""
         self.registry.register(collector)
 
-    async def endpoint(self) -> PlainResponse:
+    async def endpoint(self, scope: Scope) -> PlainResponse:
         """The `/metrics` answer."""
         return PlainResponse(
             status=200, body=generate_latest(self.registry), content_type=CONTENT_TYPE

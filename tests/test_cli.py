@@ -16,7 +16,9 @@ from tests.support.client import Session, code_of
 from tests.support.server import RunningServer
 
 CLI = str(Path(sys.executable).parent / "expense-auth")
-STRONG = "s" * 48
+# Random keys, fixed so that the test is repeatable (production refuses guessable ones).
+STRONG = "IXCsTgbp_Rq7nzitHEG0B6hHAkM_WNotn8KsDXw41HTTb-ju079t5L0Rniz0JXXL"
+OLDER = "YjOHxPmGJC5nl0IuyxWTlnfeMOnXsGaInmBD6Ifr73afFR_gd_R7fx7BBsnGGARb"
 
 
 def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -90,7 +92,7 @@ def test_valid_production_config_loads() -> None:
         {
             "APP_ENV": "production",
             "GOOGLE_CLIENT_ID": "a.apps.googleusercontent.com, b.apps.googleusercontent.com",
-            "SESSION_SECRET_KEY": f"{'o' * 40},{STRONG}",
+            "SESSION_SECRET_KEY": f"{OLDER},{STRONG}",
             "SESSION_SECURE_COOKIE": "true",
             "CORS_ALLOWED_ORIGIN": "https://app.example.com",
             "BEHIND_TLS_PROXY": "true",

@@ -42,6 +42,19 @@ class Identity:
 
 
 @dataclass(frozen=True, slots=True)
+class SingleUse:
+    """A value that may be spent once, such as a sign-in nonce, until it expires.
+
+    Attributes:
+        key: A digest naming the value (never the value itself).
+        expire_ms: When the value would be refused anyway; the record can go then.
+    """
+
+    key: bytes
+    expire_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class User:
     """A person who signed in at least once."""
 

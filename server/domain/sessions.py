@@ -18,6 +18,7 @@ from server.domain.models import (
     Principal,
     Session,
     SessionCursor,
+    SingleUse,
     User,
 )
 from server.domain.tokens import hash_secret, new_public_id, new_secret
@@ -26,6 +27,7 @@ from server.storage.base import Store, UserDefaults
 MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 50
 MAX_USER_AGENT = 64
+MAX_TOUCH_INTERVAL_MS = 60_000
 
 
 class LiveWindow(TypedDict):
@@ -43,13 +45,19 @@ class SessionPolicy:
         idle_ms: A session unused for this long ends.
         max_age_ms: A session ends this long after sign-in, however busy.
         touch_interval_ms: `last_seen` is written at most this often per session,
-            so that the hot path reads without writing; idle expiry is therefore
-            exact to within this interval.
+            so that the hot path reads without writing. By default a quarter of
+            the idle timeout, at most a minute: a session used at least every
+            `idle_ms - touch_interval_ms` never idles out, whatever the timeout.
     """
 
     idle_ms: int
     max_age_ms: int
-    touch_interval_ms: int = 60_000
+    touch_interval_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if self.touch_interval_ms <= 0:
+            default = min(MAX_TOUCH_INTERVAL_MS, self.idle_ms // 4)
+            object.__setattr__(self, "touch_interval_ms", default)
 
     def expire_ms(self, session: Session) -> int:
         """When the session ends unless used again."""
@@ -96,11 +104,17 @@ class Sessions:
         return self._policy
 
     async def sign_in(
-        self, identity: Identity, *, user_agent: str, event: AuditEvent | None = None
+        self,
+        identity: Identity,
+        *,
+        user_agent: str,
+        event: AuditEvent | None = None,
+        nonce: SingleUse | None = None,
     ) -> NewSession:
         """Create or update the user and start a brand-new session for them.
 
-        `event` is recorded in the same transaction, with the user's and session's ids.
+        `event` is recorded in the same transaction, with the user's and session's
+        ids; the token and `nonce` are spent in it (each is accepted once).
         """
         now = self._clock.now_ms()
         secret = new_secret()
@@ -121,6 +135,7 @@ class Sessions:
             session=draft,
             now_ms=now,
             event=event,
+            nonce=nonce,
         )
         return NewSession(user=user, session=session, secret=secret)
 

@@ -18,6 +18,8 @@ an atomic check-and-count, so concurrent requests cannot overshoot.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import math
 import threading
 import time
@@ -34,7 +36,9 @@ GLOBAL = "global"
 SIGNIN_PER_IP = "signin_per_ip"
 SIGNIN_PER_SUBJECT = "signin_per_subject"
 FAILED_SIGNIN_PER_IP = "failed_signin_per_ip"
+FAILED_SIGNIN_PER_SUBJECT = "failed_signin_per_subject"
 UNAUTHENTICATED_PER_IP = "unauthenticated_per_ip"
+PROBE_PER_IP = "probe_per_ip"
 PER_SESSION = "per_session"
 PER_USER = "per_user"
 EXPORT_PER_USER = "export_per_user"
@@ -43,11 +47,33 @@ POLICIES = (
     SIGNIN_PER_IP,
     SIGNIN_PER_SUBJECT,
     FAILED_SIGNIN_PER_IP,
+    FAILED_SIGNIN_PER_SUBJECT,
     UNAUTHENTICATED_PER_IP,
+    PROBE_PER_IP,
     PER_SESSION,
     PER_USER,
     EXPORT_PER_USER,
 )
+
+
+@functools.lru_cache(maxsize=4096)
+def network_key(ip: str, ipv6_prefix: int) -> str:
+    """The key of a client address for per-IP limits.
+
+    IPv4 addresses are keyed one by one. An IPv6 client is its /`ipv6_prefix`
+    network (a /64 by default): one host commonly holds a whole /64 (SLAAC,
+    privacy addresses) and can pick a new address per request. IPv4-mapped IPv6
+    addresses count as the IPv4 address.
+    """
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
+    return str(address)
 
 
 class MemoryWindows:

@@ -9,7 +9,10 @@ keeps only SHA-256(secret), so a copy of it cannot be turned into cookies.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import re
 import secrets
 from collections.abc import Sequence
 
@@ -18,6 +21,23 @@ from itsdangerous.encoding import want_bytes
 
 SESSION_SALT = "expense-auth.session-cookie"
 MAX_COOKIE_VALUE = 256
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def canonical_b64url(text: str) -> bool:
+    """Whether `text` is base64url without padding, in the one spelling of its bytes.
+
+    Decoders (Python's, itsdangerous', google-auth's) also accept padding, `+` and
+    `/`, and unused bits set in the last character, so that many strings decode
+    to the same bytes. Signed values compare as strings only in this form.
+    """
+    if not _B64URL.fullmatch(text) or len(text) % 4 == 1:
+        return False
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode() == text
 
 
 def new_secret() -> str:
@@ -72,8 +92,14 @@ class CookieSigner:
         return self._signer.sign(secret).decode()
 
     def unsign(self, value: str) -> str | None:
-        """The secret inside a cookie value, or None when it is not one of ours."""
+        """The secret inside a cookie value, or None when it is not one of ours.
+
+        Only the canonical spelling of the signature is accepted (see
+        `canonical_b64url`): a cookie is one string, not a family of them.
+        """
         if not value or len(value) > MAX_COOKIE_VALUE:
+            return None
+        if not canonical_b64url(value.rpartition(".")[2]):
             return None
         try:
             return self._newest.unsign(value).decode()

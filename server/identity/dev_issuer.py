@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from server.identity.keys import key_id, new_private_key, private_key_pem, self_signed_cert_pem
+from server.storage.files import private_dir
 
 DEV_ISSUER = "https://dev-issuer.expense-auth.invalid"
 DEV_AUDIENCE = "expense-auth-development"
@@ -50,7 +51,7 @@ class DevIssuer:
     def load_or_create(cls, data_dir: Path) -> DevIssuer:
         """The issuer whose key is in `data_dir`, creating the key on first use."""
         path = data_dir / KEY_FILE
-        data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(data_dir)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:

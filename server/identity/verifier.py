@@ -3,24 +3,39 @@
 google-auth checks the signature, `exp`/`iat` (with a small skew) and `aud`;
 this module adds what google-auth leaves to the caller: choosing certificates by
 issuer without a fetch per request, checking `iss` (google-auth's
-`verify_token` does not), refusing an empty audience list, requiring `sub`, and
-the `email_verified` policy. Every failure is a domain error with a message a
-client can act on; none is `internal`.
+`verify_token` does not), refusing an empty audience list, requiring `sub`,
+honouring `nbf`, and the `email_verified` policy. Every failure is a domain
+error with a message a client can act on; none is `internal`.
+
+A token must be in canonical compact form: base64url without padding, and no
+other spelling of the same bytes. google-auth's decoder also accepts padding,
+`+`/`/` and stray bits in the last character, which would turn one token into
+many strings; "each token is accepted once" is therefore keyed on the decoded
+signature, and other spellings are refused before anything else. Numeric
+claims are bounded before google-auth converts them to dates, and the claims
+copied into the account (name, picture) follow the same rules as a profile
+edit.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
+import math
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import google.auth.exceptions
 import google.auth.jwt
 
+from server.domain.clock import Clock
 from server.domain.errors import EmailNotVerified, InvalidArgument, InvalidIdToken
 from server.domain.models import Identity
-from server.domain.preferences import clean_locale
+from server.domain.preferences import MAX_DISPLAY_NAME, clean_display_name, clean_locale
+from server.domain.tokens import canonical_b64url
 from server.identity.certs import CertsSource
 
 log = logging.getLogger(__name__)
@@ -28,7 +43,12 @@ log = logging.getLogger(__name__)
 GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
 CANONICAL_GOOGLE_ISSUER = "https://accounts.google.com"
 MAX_TOKEN_LENGTH = 4096  # Google ID tokens are ~1.2 KB
+MAX_PICTURE_URI = 2048
 _SUPPORTED_ALGS = frozenset({"RS256"})
+# NumericDate claims: seconds since the epoch, up to the year 2286. Anything
+# outside would overflow google-auth's conversion to a datetime.
+_TIME_CLAIMS = ("exp", "iat", "nbf", "auth_time")
+_MAX_NUMERIC_DATE = 10**10
 
 
 class IdTokenVerifier:
@@ -41,9 +61,11 @@ class IdTokenVerifier:
         issuers: Mapping[str, CertsSource],
         clock_skew_s: int,
         require_verified_email: bool,
+        clock: Clock,
     ) -> None:
         if not audiences:
             raise ValueError("at least one audience (client id) is required")
+        self._clock = clock
         self._audiences = list(audiences)
         self._issuers = dict(issuers)
         self._skew = clock_skew_s
@@ -74,7 +96,7 @@ class IdTokenVerifier:
                 f"google_id_token is {len(token)} characters; an ID token is at most "
                 f"{MAX_TOKEN_LENGTH}",
             )
-        header, unverified = _peek(token)
+        header, unverified, signature = _peek(token)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in _SUPPORTED_ALGS:
             raise InvalidIdToken(
@@ -109,9 +131,14 @@ class IdTokenVerifier:
             raise _describe(exc) from None
         if claims.get("iss") != issuer:
             raise InvalidIdToken("the ID token's issuer is not accepted", reason="bad_issuer")
-        return self._identity(claims, issuer, token)
+        not_before = claims.get("nbf")
+        if not_before is not None and self._clock.now_ms() < (not_before - self._skew) * 1000:
+            raise InvalidIdToken(
+                "the ID token is not valid yet (its nbf is in the future)", reason="not_yet_valid"
+            )
+        return self._identity(claims, issuer, signature)
 
-    def _identity(self, claims: Mapping[str, Any], issuer: str, token: str) -> Identity:
+    def _identity(self, claims: Mapping[str, Any], issuer: str, signature: bytes) -> Identity:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject or len(subject) > 255:
             raise InvalidIdToken("the ID token has no valid subject", reason="bad_subject")
@@ -125,11 +152,13 @@ class IdTokenVerifier:
             subject=subject,
             email=email,
             email_verified=verified,
-            name=_text(claims.get("name"), 100),
-            picture=_text(claims.get("picture"), 2048),
+            name=_display_name(claims.get("name")),
+            picture=_picture_uri(claims.get("picture")),
             locale=_locale(claims.get("locale")),
             nonce=_text(claims.get("nonce"), 256),
-            token_hash=hashlib.sha256(token.encode()).digest(),
+            # The decoded signature names the token whatever its spelling (RS256
+            # signatures are deterministic, so one token has exactly one).
+            token_hash=hashlib.sha256(issuer.encode() + b"\n" + signature).digest(),
             token_expire_ms=(int(expires) + self._skew) * 1000 if isinstance(expires, int) else 0,
             issued_ms=int(issued) * 1000 if isinstance(issued, int) else 0,
         )
@@ -142,8 +171,21 @@ class IdTokenVerifier:
         return identity
 
 
-def _peek(token: str) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
-    """Header and claims before verification, to choose the issuer and key."""
+def _peek(token: str) -> tuple[Mapping[str, Any], Mapping[str, Any], bytes]:
+    """Header, claims and signature before verification, to choose the issuer and key.
+
+    Refuses what is not a canonical compact JWT, and numeric claims out of range.
+    """
+    malformed = InvalidIdToken("google_id_token is not a well-formed JWT", reason="malformed")
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise malformed
+    if not all(canonical_b64url(part) for part in parts):
+        raise InvalidIdToken(
+            "google_id_token is not a well-formed JWT: each part must be base64url without "
+            "padding, exactly as Google issued it",
+            reason="malformed",
+        )
     try:
         header = google.auth.jwt.decode_header(token)
         claims = google.auth.jwt.decode(token, verify=False)
@@ -154,12 +196,24 @@ def _peek(token: str) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
         UnicodeError,
         RecursionError,
     ):
-        raise InvalidIdToken(
-            "google_id_token is not a well-formed JWT", reason="malformed"
-        ) from None
+        raise malformed from None
     if not isinstance(header, Mapping) or not isinstance(claims, Mapping):
-        raise InvalidIdToken("google_id_token is not a well-formed JWT", reason="malformed")
-    return header, claims
+        raise malformed
+    for name in _TIME_CLAIMS:
+        value = claims.get(name)
+        if value is None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or not 0 <= value <= _MAX_NUMERIC_DATE
+        ):
+            raise InvalidIdToken(
+                f"the ID token's {name} claim is not a valid time", reason="bad_claim"
+            )
+    signature = base64.urlsafe_b64decode(parts[2] + "=" * (-len(parts[2]) % 4))
+    return header, claims, signature
 
 
 def _describe(exc: Exception) -> InvalidIdToken:
@@ -185,6 +239,39 @@ def _describe(exc: Exception) -> InvalidIdToken:
 
 def _text(value: Any, limit: int) -> str:
     return value[:limit] if isinstance(value, str) else ""
+
+
+def _display_name(value: Any) -> str:
+    """The `name` claim under the display-name rules of UpdateCurrentUser.
+
+    Characters a profile edit would refuse (controls, bidi overrides and other
+    format characters) are dropped rather than refusing the sign-in; what is left
+    must pass the rules, or the account starts without a name.
+    """
+    if not isinstance(value, str):
+        return ""
+    kept = "".join(
+        ch for ch in value if unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp")
+    ).strip()[:MAX_DISPLAY_NAME]
+    try:
+        return clean_display_name(kept)
+    except InvalidArgument:
+        return ""
+
+
+def _picture_uri(value: Any) -> str:
+    """The `picture` claim if it is an https URL (browsers will load it), else nothing."""
+    if not isinstance(value, str) or len(value) > MAX_PICTURE_URI or not value.isprintable():
+        return ""
+    if " " in value:
+        return ""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return ""
+    if parts.scheme != "https" or not parts.hostname:
+        return ""
+    return value
 
 
 def _locale(value: Any) -> str:

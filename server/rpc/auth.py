@@ -24,7 +24,7 @@ from gen.expense.auth.v1.auth_pb import (
     SignOutRequest,
     SignOutResponse,
 )
-from interceptors.client_ip import client_ip
+from interceptors.client_ip import client_ip, client_network
 from interceptors.session import current_principal
 from server.domain.audit import (
     SESSION_REVOKED,
@@ -37,7 +37,12 @@ from server.domain.audit import (
 from server.domain.errors import DomainError, EmailNotVerified, RateLimited, Unauthenticated
 from server.domain.models import Identity
 from server.domain.sessions import Sessions
-from server.domain.throttle import SIGNIN_PER_SUBJECT, Throttle
+from server.domain.throttle import (
+    FAILED_SIGNIN_PER_IP,
+    FAILED_SIGNIN_PER_SUBJECT,
+    SIGNIN_PER_SUBJECT,
+    Throttle,
+)
 from server.rpc import convert
 from server.rpc.cookies import SessionCookies
 from server.rpc.nonces import NONCE_TTL_S, SignInNonces
@@ -99,20 +104,28 @@ class AuthService(auth_connect.AuthService):
     async def sign_in(
         self, request: SignInRequest, ctx: RequestContext[SignInRequest, SignInResponse]
     ) -> SignInResponse:
-        """Verify the token and start a new session (never reuse the caller's)."""
+        """Verify the token and start a new session (never reuse the caller's).
+
+        Failed attempts are limited per client network and, once the token names
+        an account, per account. Only failures count and only failures are
+        refused: a valid sign-in passes whatever strangers behind the same address
+        did, so nobody can lock an office out by sending bad tokens from it.
+        """
         origin = origin_of(ctx)
         try:
             identity = await self._verifier.verify(request.google_id_token)
         except Unauthenticated as exc:
             # No account is known yet: an event for operators, shown to no user.
             await self._audit.record(SIGN_IN_FAILED, user_id=None, origin=origin, reason=exc.reason)
+            await self._failed(None)
             raise
         except EmailNotVerified as exc:
             # The token is genuine, so the refusal belongs to that account's history.
             await self._sign_in_refused(exc.identity, origin, exc)
+            await self._failed(exc.identity)
             raise
         try:
-            used_nonce = self._nonces.check(identity.nonce, ctx.request_headers.getall("cookie"))
+            nonce = self._nonces.check(identity.nonce, ctx.request_headers.getall("cookie"))
             await self._throttle.hit(
                 SIGNIN_PER_SUBJECT,
                 identity.subject_hash,
@@ -122,12 +135,15 @@ class AuthService(auth_connect.AuthService):
                 identity,
                 user_agent=origin.user_agent,
                 event=self._audit.event(SIGN_IN, user_id=None, origin=origin),
+                nonce=nonce,
             )
         except DomainError as exc:
             await self._sign_in_refused(identity, origin, exc)
+            if not isinstance(exc, RateLimited):
+                await self._failed(identity)
             raise
         ctx.response_headers.add("set-cookie", self._cookies.issue(created.secret))
-        if used_nonce:
+        if nonce is not None:
             ctx.response_headers.add("set-cookie", self._nonces.expire())
         return SignInResponse(
             user=convert.user(created.user),
@@ -135,6 +151,24 @@ class AuthService(auth_connect.AuthService):
                 created.session, policy=self._sessions.policy, current_id=created.session.id
             ),
         )
+
+    async def _failed(self, identity: Identity | None) -> None:
+        """Count a failed sign-in; past a budget, refuse it as `resource_exhausted`.
+
+        Raises:
+            RateLimited: The network (or the account) has failed too often lately.
+        """
+        await self._throttle.hit(
+            FAILED_SIGNIN_PER_IP,
+            client_network(),
+            what="too many failed sign-ins from your network",
+        )
+        if identity is not None:
+            await self._throttle.hit(
+                FAILED_SIGNIN_PER_SUBJECT,
+                identity.subject_hash,
+                what="too many failed sign-ins for this account",
+            )
 
     async def _sign_in_refused(self, identity: Identity, origin: Origin, exc: DomainError) -> None:
         """Record a refused sign-in in the history of the account it was for, if any."""

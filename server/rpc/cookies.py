@@ -14,7 +14,6 @@ from collections.abc import Iterable, Iterator
 from server.domain.tokens import CookieSigner
 
 BASE_NAME = "expense_session"
-MAX_COOKIE_HEADER = 8192
 
 
 def format_cookie(name: str, value: str, *, max_age: int, secure: bool) -> str:
@@ -28,11 +27,11 @@ def format_cookie(name: str, value: str, *, max_age: int, secure: bool) -> str:
 def cookie_values(cookie_headers: Iterable[str], name: str) -> Iterator[str]:
     """Every value of cookie `name` in the Cookie header(s), in order.
 
-    HTTP/2 clients may split cookies over several headers; each is read.
+    HTTP/2 clients may split cookies over several headers; each is read, however
+    long: the site's other cookies can make the header large, and Envoy already
+    bounds all request headers together (MAX_REQUEST_HEADERS_KB).
     """
     for header in cookie_headers:
-        if len(header) > MAX_COOKIE_HEADER:
-            continue
         for pair in header.split(";"):
             key, sep, value = pair.strip().partition("=")
             if sep and key == name:
@@ -55,6 +54,10 @@ class SessionCookies:
     def expire(self) -> str:
         """A Set-Cookie value that deletes the cookie."""
         return self._format("", 0)
+
+    def present(self, cookie_headers: Iterable[str]) -> bool:
+        """Whether the request carries a cookie of exactly this name (valid or not)."""
+        return any(True for _ in cookie_values(cookie_headers, self.name))
 
     def secret_from(self, cookie_headers: Iterable[str]) -> str | None:
         """The verified session secret from the request's Cookie header(s), if any."""

@@ -14,6 +14,7 @@ from itsdangerous import BadData, URLSafeSerializer
 
 from server.domain.errors import InvalidArgument
 from server.domain.models import SessionCursor
+from server.domain.tokens import canonical_b64url
 
 MAX_TOKEN = 512
 
@@ -40,7 +41,7 @@ class PageTokens:
             f"page_token is not valid; pass the next_page_token of a previous {self._name} "
             "response, or nothing for the first page",
         )
-        if len(token) > MAX_TOKEN:
+        if len(token) > MAX_TOKEN or not all(canonical_b64url(p) for p in token.split(".")):
             raise problem
         try:
             loaded = self._serializer.loads(token)

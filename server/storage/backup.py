@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from server.domain.models import subject_hash
+from server.storage.files import private_file
 from server.storage.sqlite import BUSY_TIMEOUT_MS
 
 BACKUP_PREFIX = "expense-auth-"
@@ -46,10 +47,10 @@ def backup(db_path: Path, dest: Path) -> Path:
         dest = dest / f"{BACKUP_PREFIX}{stamp}-{time.time_ns() % 1_000_000:06d}{BACKUP_SUFFIX}"
     if dest.exists():
         raise BackupError(f"{dest} exists; choose a new file name")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    private_file(partial)  # a backup holds everything the database does
     source = sqlite3.connect(db_path)
     source.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    partial = dest.with_name(dest.name + ".partial")
     try:
         target = sqlite3.connect(partial)
         try:

@@ -15,6 +15,7 @@ from server.domain.models import (
     Principal,
     Session,
     SessionCursor,
+    SingleUse,
     User,
     UserExport,
 )
@@ -51,12 +52,15 @@ class Store(Protocol):
         session: Session,
         now_ms: int,
         event: AuditEvent | None = None,
+        nonce: SingleUse | None = None,
     ) -> tuple[User, Session]:
         """Create or update the user for `identity` and insert `session` for them, atomically.
 
         `session.user_id` is ignored and replaced by the user's id; `new_user_id`
         is used only when the user is new. `event`, if given, is appended to the
-        audit log in the same transaction, with the user's and session's ids.
+        audit log in the same transaction, with the user's and session's ids. The
+        identity's token and the `nonce`, if given, are spent in it too: each
+        only once.
         """
         ...
 

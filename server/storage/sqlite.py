@@ -28,10 +28,12 @@ from server.domain.models import (
     Principal,
     Session,
     SessionCursor,
+    SingleUse,
     User,
     UserExport,
 )
 from server.storage.base import UserDefaults
+from server.storage.files import private_file
 from server.storage.migrations import migrations
 
 BUSY_TIMEOUT_MS = 5_000
@@ -111,7 +113,7 @@ def _session(row: tuple[Any, ...]) -> Session:
 
 def connect(path: Path) -> sqlite3.Connection:
     """Open the database file with the service's pragmas (autocommit; explicit transactions)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_file(path)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA journal_mode = WAL")
@@ -151,6 +153,15 @@ def _insert_event(conn: sqlite3.Connection, event: AuditEvent) -> None:
             event.subject_hash,
         ),
     )
+
+
+def _spend(conn: sqlite3.Connection, once: SingleUse) -> bool:
+    """Record a single-use value; False when it was recorded before."""
+    claimed: int = conn.execute(
+        "INSERT INTO used_id_tokens (token_hash, expire_ms) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        (once.key, once.expire_ms),
+    ).rowcount
+    return claimed == 1
 
 
 def check_schema(path: Path) -> list[str]:
@@ -253,15 +264,21 @@ class SQLiteStore:
         session: Session,
         now_ms: int,
         event: AuditEvent | None = None,
+        nonce: SingleUse | None = None,
     ) -> tuple[User, Session]:
         """Upsert the user by (issuer, subject), insert the session and record `event`,
         in one transaction (one commit, and no session without its audit record).
 
         Raises:
-            InvalidIdToken: The identity's token was used before (a replay).
+            InvalidIdToken: The identity's token, or the nonce, was used before (a replay).
         """
         with self._write() as conn:
             self._claim_token(conn, identity, now_ms)
+            if nonce is not None and not _spend(conn, nonce):
+                raise InvalidIdToken(
+                    "this sign-in nonce was already used; start again with CreateSignInNonce",
+                    reason="nonce_replayed",
+                )
             row = conn.execute(
                 f"""
                 INSERT INTO users ({_USER_INSERT_COLUMNS})
@@ -621,12 +638,7 @@ class SQLiteStore:
         if not identity.token_hash:
             return
         conn.execute("DELETE FROM used_id_tokens WHERE expire_ms < ?", (now_ms,))
-        claimed = conn.execute(
-            "INSERT INTO used_id_tokens (token_hash, expire_ms) VALUES (?, ?) "
-            "ON CONFLICT DO NOTHING",
-            (identity.token_hash, identity.token_expire_ms),
-        ).rowcount
-        if claimed != 1:
+        if not _spend(conn, SingleUse(identity.token_hash, identity.token_expire_ms)):
             raise InvalidIdToken(
                 "this ID token was already used to sign in; get a new one from Google",
                 reason="replayed",

@@ -56,13 +56,15 @@ class Harness:
 
 
 def make_harness(fake: FakeGoogle, *, require_verified_email: bool = True) -> Harness:
-    clock = ManualClock()
+    # The tokens' times are real (google-auth checks exp and iat on the real clock).
+    clock = ManualClock(time.time_ns() // 1_000_000)
     certs = HttpCerts(fake.certs_url, clock=clock)  # one cache for both spellings, as in prod
     verifier = IdTokenVerifier(
         audiences=[CLIENT_ID],
         issuers=dict.fromkeys(ISSUERS, certs),
         clock_skew_s=SKEW_S,
         require_verified_email=require_verified_email,
+        clock=clock,
     )
     return Harness(fake=fake, clock=clock, verifier=verifier, fetches_before=fake.fetches)
 
@@ -122,6 +124,28 @@ def unpublished_key(fake: FakeGoogle) -> str:
     return fake.token()
 
 
+def respell_last_char(token: str) -> str:
+    """The same signature bytes, spelled with unused low bits set in the last character.
+
+    A 256-byte signature is 342 characters whose last one carries 4 bits; the
+    other 2 bits are free, so 3 other characters decode to the same bytes.
+    """
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    head, last = token[:-1], token[-1]
+    twin = alphabet[alphabet.index(last) | 0b01]
+    assert twin != last and base64.urlsafe_b64decode(
+        token.split(".")[2] + "=="
+    ) == base64.urlsafe_b64decode((head + twin).split(".")[2] + "==")
+    return head + twin
+
+
+def standard_alphabet(token: str) -> str:
+    """`-` and `_` spelled `+` and `/`, which lenient decoders map to the same bytes."""
+    signature = token.split(".")[2]
+    assert "-" in signature or "_" in signature  # 342 characters: all but certain
+    return token.replace("-", "+").replace("_", "/")
+
+
 def deeply_nested_header(fake: FakeGoogle) -> str:
     depth = 1500  # deeper than the interpreter's recursion limit, within the length limit
     return f"{b64(b'[' * depth + b']' * depth)}.{b64(b'{}')}.c2ln"
@@ -147,7 +171,10 @@ def test_a_valid_token_gives_the_identity_with_the_canonical_issuer(
         picture="https://lh3.googleusercontent.com/a/photo",
         locale="en-GB",
         nonce="n-123",
-        token_hash=hashlib.sha256(token.encode()).digest(),
+        # Keyed on the decoded signature: one token, whatever its spelling.
+        token_hash=hashlib.sha256(
+            issuer.encode() + b"\n" + base64.urlsafe_b64decode(token.split(".")[2] + "==")
+        ).digest(),
         token_expire_ms=(google.auth.jwt.decode(token, verify=False)["exp"] + SKEW_S) * 1000,
         issued_ms=google.auth.jwt.decode(token, verify=False)["iat"] * 1000,
     )
@@ -162,6 +189,8 @@ def test_a_valid_token_gives_the_identity_with_the_canonical_issuer(
         pytest.param(lambda: {"iat": now_s() + SKEW_S - 10}, id="iat_in_skew"),
         pytest.param(lambda: {"email_verified": "true"}, id="email_verified_as_string"),
         pytest.param(lambda: {"locale": "not a locale!"}, id="bad_locale_dropped"),
+        pytest.param(lambda: {"nbf": now_s() - 60}, id="nbf_in_the_past"),
+        pytest.param(lambda: {"nbf": now_s() + SKEW_S - 10}, id="nbf_in_skew"),
     ],
 )
 def test_tolerated_variations_are_accepted(
@@ -220,7 +249,23 @@ REJECTED = [
         id="issued_in_the_future",
     ),
     pytest.param(lambda g: g.token(exp=None), "missing_claim", "claim", id="missing_exp"),
-    pytest.param(lambda g: g.token(exp="soon"), "invalid", "not valid", id="exp_not_a_number"),
+    pytest.param(
+        lambda g: g.token(exp="soon"), "bad_claim", "exp claim is not a valid time", id="exp_text"
+    ),
+    pytest.param(
+        lambda g: g.token(exp=10**30), "bad_claim", "exp claim is not a valid time", id="exp_huge"
+    ),
+    pytest.param(
+        lambda g: g.token(iat=-(10**30)), "bad_claim", "iat claim", id="iat_hugely_negative"
+    ),
+    pytest.param(lambda g: g.token(exp=True), "bad_claim", "exp claim", id="exp_boolean"),
+    pytest.param(lambda g: g.token(nbf=10**20), "bad_claim", "nbf claim", id="nbf_huge"),
+    pytest.param(
+        lambda g: g.token(nbf=now_s() + SKEW_S + 600),
+        "not_yet_valid",
+        "nbf is in the future",
+        id="nbf_in_the_future",
+    ),
     pytest.param(forged_signature, "bad_signature", "signature", id="bad_signature"),
     pytest.param(unpublished_key, "unknown_key", "unknown key", id="unknown_key_id"),
     pytest.param(lambda g: g.unsigned_token(), "bad_alg", "'none'", id="alg_none"),
@@ -248,6 +293,13 @@ REJECTED = [
         lambda g: raw_jwt(["RS256"], g.claims()), "malformed", "well-formed", id="header_array"
     ),
     pytest.param(deeply_nested_header, "malformed", "well-formed", id="deeply_nested_header"),
+    pytest.param(lambda g: g.token() + "==", "malformed", "base64url", id="padded_signature"),
+    pytest.param(
+        lambda g: respell_last_char(g.token()), "malformed", "base64url", id="respelled_signature"
+    ),
+    pytest.param(
+        lambda g: standard_alphabet(g.token()), "malformed", "base64url", id="plus_slash_alphabet"
+    ),
 ]
 
 
@@ -426,3 +478,43 @@ def test_certs_down_after_a_fetch_keeps_the_cached_keys_working(h: Harness) -> N
     fetches_after_recovery = h.fetches
     h.verify(token)  # ...and fresh again
     assert h.fetches == fetches_after_recovery
+
+
+# ---------------------------------------------------------------------------
+# Claims copied into the account follow the profile rules
+
+
+@pytest.mark.parametrize(
+    ("name", "stored"),
+    [
+        ("Ann Example", "Ann Example"),
+        ("abc\u202egnp.exe", "abcgnp.exe"),  # a right-to-left override hides the extension
+        ("  Ann\u200b  ", "Ann"),  # zero-width space (a format character) and spaces
+        ("line\nbreak", "linebreak"),
+        ("\u202e\u200b", ""),  # nothing left: no name
+        ("x" * 150, "x" * 100),
+        (12345, ""),
+    ],
+)
+def test_the_name_claim_follows_the_display_name_rules(
+    h: Harness, name: object, stored: str
+) -> None:
+    assert h.verify(h.fake.token(name=name)).name == stored
+
+
+@pytest.mark.parametrize(
+    ("picture", "stored"),
+    [
+        ("https://lh3.googleusercontent.com/a/photo", "https://lh3.googleusercontent.com/a/photo"),
+        ("javascript:alert(1)", ""),
+        ("http://lh3.googleusercontent.com/a/photo", ""),
+        ("data:image/png;base64,AAAA", ""),
+        ("https:///no-host", ""),
+        ("https://example.com/a b", ""),
+        ("https://example.com/\u0000", ""),
+        ("https://example.com/" + "a" * 2100, ""),
+        (["https://example.com"], ""),
+    ],
+)
+def test_only_https_picture_urls_are_kept(h: Harness, picture: object, stored: str) -> None:
+    assert h.verify(h.fake.token(picture=picture)).picture == stored
