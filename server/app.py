@@ -192,8 +192,10 @@ def create_app(
         {name: getattr(config, f"rate_limit_{name}") for name in POLICIES},
     )
     audit_log = Audit(store, clock=clock)
-    readiness = Readiness(store, verifier, shutdown_marker=shutdown_marker)
     metrics = Metrics()
+    readiness = Readiness(
+        store, verifier, shutdown_marker=shutdown_marker, on_check=metrics.readiness_checks.inc
+    )
     metrics.add_scrape_time(
         ScrapeTime(
             live_sessions=lambda: store.count_live_sessions(

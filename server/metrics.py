@@ -59,6 +59,11 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self.readiness_checks = Counter(
+            "expense_auth_readiness_checks",
+            "Readiness computations (database probe and key check), shared by every probe.",
+            registry=self.registry,
+        )
         self.rate_limited = Counter(
             "expense_auth_rate_limited",
             "Calls refused by a rate limit, by procedure.",

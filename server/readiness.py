@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -48,8 +49,10 @@ class Readiness:
         shutdown_marker: Path | None,
         max_age_s: float = 1.0,
         poll_s: float = 1.0,
+        on_check: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_check = on_check
         self._keys = keys
         self._marker = shutdown_marker
         self._max_age_s = max_age_s
@@ -78,6 +81,8 @@ class Readiness:
         return shutdown | await asyncio.shield(self._computing)
 
     async def _compute(self) -> dict[str, str]:
+        if self._on_check is not None:
+            self._on_check()
         try:
             store_problem = await self._store.probe()
             result = {
