@@ -1,7 +1,7 @@
 """The baseline: a bare connectrpc echo on the same ASGI server (pyvoy) as the service.
 
 `grpc.health.v1.Health/Check` with a trivial service, no interceptors and no
-middleware, wrapped in the same `ReceiveAfterBodyFix` as server/asgi.py (pyvoy
+middleware, wrapped in the same `ReceiveAfterBodyFix` as server/runtime/asgi.py (pyvoy
 needs it). Run with `expense-auth serve --app bench.echo_app:app`, so that the
 Envoy configuration is exactly the service's.
 """
@@ -12,7 +12,7 @@ from connectrpc.request import RequestContext
 
 from gen.grpc.health.v1.health_connect import Health, HealthASGIApplication
 from gen.grpc.health.v1.health_pb import HealthCheckRequest, HealthCheckResponse
-from server.receive_fix import ReceiveAfterBodyFix
+from server.runtime.receive_fix import ReceiveAfterBodyFix
 
 _SERVING = HealthCheckResponse(status=HealthCheckResponse.ServingStatus.SERVING)
 

@@ -2,7 +2,7 @@
 
 Usage: python -m bench.inproc [--variants baseline,NAME] [--calls 20000] [--profile FILE]
 
-Builds the service exactly as server/asgi.py does (with the patches of the named
+Builds the service exactly as server/runtime/asgi.py does (with the patches of the named
 bench/variants.py variants applied in a fresh interpreter each) and the bare
 echo, and drives each with `--calls` Connect JSON `GetSession` calls straight
 through ASGI (16 in flight), recording process CPU time per call. Envoy and

@@ -1,7 +1,7 @@
 """Where the hot path's time goes: py-spy on the server under h2load, summed by concern.
 
 Usage: python -m bench.profile [--seconds 20] [--protocol connect-json-h1|grpc-h2c]
-                               [--app server.asgi:app]
+                               [--app server.runtime.asgi:app]
 
 Starts one server like the bench does (1k users, LOG_LEVEL=WARNING), drives
 GetSession with a valid cookie for `--seconds` and, meanwhile, samples the
@@ -56,7 +56,7 @@ OWNERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("browser guard interceptor", ("interceptors/browser_guard.py",)),
     ("deadline interceptor (asyncio.timeout)", ("interceptors/deadline.py",)),
     ("error boundary interceptor", ("interceptors/errors.py",)),
-    ("metrics interceptor", ("interceptors/metrics.py", "server/metrics.py")),
+    ("metrics interceptor", ("interceptors/metrics.py", "server/ops/metrics.py")),
     ("codec: protobuf / JSON encode+decode", ("connectrpc/_codec.py", "protobuf/", "json/")),
     ("handler + domain->proto conversion", ("server/rpc/",)),
     (
@@ -71,10 +71,10 @@ FRAMEWORK: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("asyncio (tasks, locks, timeouts, to_thread)", ("asyncio/",)),
     ("connectrpc framework (interceptor chain, request/response plumbing)", ("connectrpc/",)),
-    ("edge middleware (header check, security headers)", ("server/middleware.py",)),
+    ("edge middleware (header check, security headers)", ("server/edge/middleware.py",)),
     ("CORS middleware (starlette)", ("starlette/",)),
-    ("router", ("server/router.py",)),
-    ("receive_fix", ("server/receive_fix.py",)),
+    ("router", ("server/edge/router.py",)),
+    ("receive_fix", ("server/runtime/receive_fix.py",)),
 )
 NATIVE_IO = "ASGI receive()/send() into pyvoy (native)"
 
@@ -146,7 +146,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile")
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--protocol", default=load.H1, choices=load.PROTOCOLS)
-    parser.add_argument("--app", default="server.asgi:app")
+    parser.add_argument("--app", default="server.runtime.asgi:app")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     args = parser.parse_args()
     pyspy = shutil.which("py-spy") or str(BIN / "py-spy")
@@ -158,13 +158,15 @@ def main() -> int:
     env = server_env(session_key)
     secret = prepare_scale(1_000, run_dir / "data", env)
     cookie = data.cookie(session_key, secret)
-    echo = args.app != "server.asgi:app"
+    echo = args.app != "server.runtime.asgi:app"
     path = HEALTH_CHECK if echo else GET_SESSION
     port = procs.free_port()
     server = procs.spawn(
         "profiled",
         procs.serve_args(
-            str(BIN / "expense-auth"), port, None if args.app == "server.asgi:app" else args.app
+            str(BIN / "expense-auth"),
+            port,
+            None if args.app == "server.runtime.asgi:app" else args.app,
         ),
         env={**env, "DATA_DIR": str(run_dir / "data")},
         cwd=REPO,

@@ -1,6 +1,6 @@
 """Experimental builds of the real app, for measuring proposed changes without editing server/.
 
-Each attribute is the service exactly as server/asgi.py builds it, with one
+Each attribute is the service exactly as server/runtime/asgi.py builds it, with one
 change patched in before `create_app` runs; `python -m bench.ab` serves them
 with `expense-auth serve --app bench.variants:NAME` and compares them with the
 unchanged app in interleaved rounds. Nothing here is used by the service.
@@ -83,7 +83,7 @@ def _no_edge() -> None:
 
 
 def _no_security_headers() -> None:
-    import server.middleware as middleware
+    import server.edge.middleware as middleware
 
     setattr(middleware, "_BASE_HEADERS", ())  # noqa: B010
 
@@ -127,10 +127,10 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(name)
     for patch in PATCHES[name]:
         patch()
-    from server import logs
     from server.app import create_app
     from server.config import load_config
-    from server.receive_fix import ReceiveAfterBodyFix
+    from server.ops import logs
+    from server.runtime.receive_fix import ReceiveAfterBodyFix
 
     config = load_config()
     logs.configure(production=config.production, level=config.log_level)

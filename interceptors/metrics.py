@@ -10,7 +10,7 @@ from connectrpc.request import RequestContext
 from prometheus_client import Histogram
 
 from interceptors.session import procedure_of
-from server.metrics import Metrics
+from server.ops.metrics import Metrics
 from server.rpc.errors import code_of
 
 SIGN_IN = "/expense.auth.v1.AuthService/SignIn"

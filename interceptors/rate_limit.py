@@ -38,7 +38,7 @@ from server.domain.throttle import (
     Throttle,
     network_key,
 )
-from server.router import PlainResponse, Route
+from server.edge.router import PlainResponse, Route
 from server.rpc.user_agent import summarize
 
 SIGN_IN = "/expense.auth.v1.AuthService/SignIn"

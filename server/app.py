@@ -36,8 +36,6 @@ from interceptors.logging import RequestLogger
 from interceptors.metrics import MetricsRecorder
 from interceptors.rate_limit import NetworkRateLimit, PrincipalRateLimit, ProbeRateLimit
 from interceptors.session import SessionInterceptor
-from server import telemetry
-from server.codecs import DepthLimitedJSONCodec
 from server.config import Config
 from server.domain.accounts import Accounts
 from server.domain.admin import Admin
@@ -48,16 +46,18 @@ from server.domain.sessions import SessionPolicy, Sessions
 from server.domain.throttle import POLICIES, Throttle
 from server.domain.tokens import CookieSigner
 from server.domain.users import Users
+from server.edge.middleware import with_edge
+from server.edge.router import PlainResponse, Route, Router
 from server.identity.certs import CertsSource, HttpCerts, StaticCerts
 from server.identity.dev_issuer import DEV_AUDIENCE, DEV_ISSUER, DevIssuer
 from server.identity.verifier import GOOGLE_ISSUERS, IdTokenVerifier
-from server.jobs import Periodic, backup_job, retention_job
-from server.metrics import Metrics, ScrapeTime
-from server.middleware import with_edge
-from server.readiness import Readiness, healthz
-from server.router import PlainResponse, Route, Router
+from server.ops import telemetry
+from server.ops.jobs import Periodic, backup_job, retention_job
+from server.ops.metrics import Metrics, ScrapeTime
+from server.ops.readiness import Readiness, healthz
 from server.rpc.admin import AdminService
 from server.rpc.auth import AuthService
+from server.rpc.codecs import DepthLimitedJSONCodec
 from server.rpc.cookies import SessionCookies
 from server.rpc.health import HealthService
 from server.rpc.nonces import SignInNonces

@@ -10,20 +10,20 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from server import logs
 from server.config import Config, ConfigError, load_config
 from server.domain.clock import SystemClock
 from server.domain.retention import Retention, RetentionPolicy
 from server.identity.dev_issuer import DEV_AUDIENCE, DevIssuer
-from server.readiness import SHUTDOWN_MARKER_ENV
+from server.ops import logs
+from server.ops.readiness import SHUTDOWN_MARKER_ENV
 from server.storage.backup import BackupError, backup, restore
 from server.storage.files import UMASK, open_to_others, private_dir, tighten_database
 from server.storage.sqlite import SchemaTooNew, SQLiteStore, check_schema, migrate
 
 log = logging.getLogger("expense_auth.cli")
 
-APP_REF = "server.asgi:app"
-ADMIN_APP_REF = "server.asgi:admin_app"
+APP_REF = "server.runtime.asgi:app"
+ADMIN_APP_REF = "server.runtime.asgi:admin_app"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,7 +137,7 @@ def _restore(config: Config, src: Path) -> int:
 
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
-    from server.serve import AdminListener, PortInUse, StartupError, serve
+    from server.runtime.serve import AdminListener, PortInUse, StartupError, serve
 
     if not args.no_migrate:
         _migrate(config)

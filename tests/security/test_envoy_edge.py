@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from server.middleware import HSTS, SECURITY_HEADERS
+from server.edge.middleware import HSTS, SECURITY_HEADERS
 from tests.conftest import server_env
 from tests.support.google import FakeGoogle
 from tests.support.server import RunningServer, start_server

@@ -39,7 +39,7 @@ import grpc
 import pytest
 
 from server.app import READ_MAX_BYTES
-from server.serve import MAX_REQUEST_HEADERS_KB
+from server.runtime.serve import MAX_REQUEST_HEADERS_KB
 from tests.conftest import require_tool, server_env
 from tests.interop.tools import VENV_BIN, new_sub, run
 from tests.support.google import FakeGoogle

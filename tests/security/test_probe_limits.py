@@ -28,7 +28,7 @@ from connectrpc.errors import ConnectError
 from gen.grpc.health.v1.health_connect import HealthClientSync
 from gen.grpc.health.v1.health_pb import HealthCheckRequest, HealthCheckResponse
 from server.rpc.health import MAX_WATCH_STREAMS, MAX_WATCH_STREAMS_PER_CLIENT
-from server.serve import MAX_CONCURRENT_STREAMS
+from server.runtime.serve import MAX_CONCURRENT_STREAMS
 from tests.conftest import require_tool, server_env
 from tests.support.client import code_of
 from tests.support.google import FakeGoogle

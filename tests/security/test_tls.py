@@ -27,7 +27,7 @@ from pyqwest import SyncClient, SyncHTTPTransport
 
 from gen.expense.auth.v1.auth_connect import AuthServiceClientSync
 from gen.expense.auth.v1.auth_pb import GetSessionRequest, SignInRequest
-from server.serve import MAX_REQUEST_HEADERS_KB
+from server.runtime.serve import MAX_REQUEST_HEADERS_KB
 from tests.conftest import require_tool, server_env
 from tests.support.google import FakeGoogle
 from tests.support.server import RunningServer, start_server

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from server import logs
 from server.app import create_app
 from server.config import load_config
-from server.readiness import SHUTDOWN_MARKER_ENV
-from server.receive_fix import ReceiveAfterBodyFix
+from server.ops import logs
+from server.ops.readiness import SHUTDOWN_MARKER_ENV
+from server.runtime.receive_fix import ReceiveAfterBodyFix
 from tests.support.clock import FileClock
 
 config = load_config()

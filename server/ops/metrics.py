@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import Scope
 
-from server.router import PlainResponse
+from server.edge.router import PlainResponse
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

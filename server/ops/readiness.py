@@ -17,7 +17,7 @@ from typing import Protocol
 
 from starlette.types import Scope
 
-from server.router import PlainResponse
+from server.edge.router import PlainResponse
 from server.storage.base import Store
 
 # The environment variable through which `expense-auth serve` tells the app

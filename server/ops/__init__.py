@@ -1,0 +1,1 @@
+"""Operations: readiness, metrics, telemetry, logs and background jobs."""

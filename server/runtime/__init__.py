@@ -1,0 +1,1 @@
+"""Running the service: pyvoy (Envoy) serving the ASGI app, and the module it imports."""
