@@ -20,8 +20,8 @@ from typing import Any
 
 from connectrpc.request import RequestContext
 
-from interceptors.logging import protocol_of
 from server.domain.errors import InvalidArgument, PermissionDenied
+from server.rpc.context import protocol_of
 
 
 class BrowserGuard:

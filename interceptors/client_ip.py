@@ -5,7 +5,7 @@ proxies: then the client is the right-most X-Forwarded-For hop that is not a
 trusted proxy (hops to its left were written by the client and prove nothing).
 A header from an untrusted peer is ignored entirely.
 
-Per-client rate limits key on the client's network (`client_network()`): IPv4
+Per-client rate limits key on the client's network (`context.client_network()`): IPv4
 by address, IPv6 by its /64 (see `server.domain.throttle.network_key`).
 """
 
@@ -14,28 +14,16 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Sequence
-from contextvars import ContextVar, Token
+from contextvars import Token
 from typing import Any
 
 from connectrpc.request import RequestContext
 
 from server.domain.throttle import network_key
+from server.rpc.context import reset_client, set_client
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-_client_ip: ContextVar[str] = ContextVar("expense_auth_client_ip", default="")
-_client_network: ContextVar[str] = ContextVar("expense_auth_client_network", default="")
-
-
-def client_ip() -> str:
-    """The current call's client IP ("" outside a call or when unknown)."""
-    return _client_ip.get()
-
-
-def client_network() -> str:
-    """The current call's client, as per-client rate limits key it."""
-    return _client_network.get()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -86,7 +74,7 @@ class ClientAddress:
         """Resolve and remember the client IP and network."""
         forwarded = ctx.request_headers.getall("x-forwarded-for") if self._trusted else ()
         ip = resolve(ctx.client_address, forwarded, self._trusted)
-        return _client_ip.set(ip), _client_network.set(network_key(ip, self._ipv6_prefix))
+        return set_client(ip, network_key(ip, self._ipv6_prefix))
 
     async def on_end(
         self,
@@ -95,5 +83,4 @@ class ClientAddress:
         error: Exception | None,
     ) -> None:
         """Forget them."""
-        _client_ip.reset(tokens[0])
-        _client_network.reset(tokens[1])
+        reset_client(tokens)

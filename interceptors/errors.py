@@ -16,8 +16,8 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
-from interceptors.logging import REQUEST_ID_HEADER
 from server.domain.errors import DomainError, RateLimited
+from server.rpc.context import request_id_of
 from server.rpc.errors import INTERNAL_MESSAGE, client_fault, to_connect_error
 
 log = logging.getLogger("expense_auth.errors")
@@ -50,6 +50,6 @@ class ErrorBoundary:
             ctx.method.service_name,
             ctx.method.name,
             exc_info=error,
-            extra={"request_id": ctx.response_headers.get(REQUEST_ID_HEADER, "")},
+            extra={"request_id": request_id_of(ctx)},
         )
         raise ConnectError(Code.INTERNAL, INTERNAL_MESSAGE) from None

@@ -16,22 +16,18 @@ from typing import Any
 from connectrpc.code import Code
 from connectrpc.request import RequestContext
 
-from interceptors.client_ip import client_ip
+from server.rpc.context import (
+    REQUEST_ID_HEADER,
+    client_ip,
+    procedure_of,
+    protocol_of,
+    request_id_of,
+)
 from server.rpc.errors import code_of
 
 log = logging.getLogger("expense_auth.rpc")
 
-REQUEST_ID_HEADER = "x-request-id"
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-
-
-def protocol_of(content_type: str) -> str:
-    """The RPC protocol a request used, from its content type."""
-    if content_type.startswith("application/grpc-web"):
-        return "grpc-web"
-    if content_type.startswith("application/grpc"):
-        return "grpc"
-    return "connect"
 
 
 class RequestLogger:
@@ -57,13 +53,13 @@ class RequestLogger:
             level,
             "rpc",
             extra={
-                "procedure": f"/{ctx.method.service_name}/{ctx.method.name}",
+                "procedure": procedure_of(ctx),
                 "protocol": protocol_of(ctx.request_headers.get("content-type", "")),
                 "http_method": ctx.http_method,
                 "code": "ok" if code is None else code.value,
                 "duration_ms": round(duration_ms, 3),
                 "client": client_ip() or ctx.client_address or "",
                 "peer": ctx.client_address or "",
-                "request_id": ctx.response_headers.get(REQUEST_ID_HEADER, ""),
+                "request_id": request_id_of(ctx),
             },
         )

@@ -9,11 +9,9 @@ from connectrpc.code import Code
 from connectrpc.request import RequestContext
 from prometheus_client import Histogram
 
-from interceptors.session import procedure_of
 from server.ops.metrics import Metrics
+from server.rpc.context import SIGN_IN, procedure_of
 from server.rpc.errors import code_of
-
-SIGN_IN = "/expense.auth.v1.AuthService/SignIn"
 
 
 class MetricsRecorder:

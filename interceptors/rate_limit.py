@@ -24,9 +24,8 @@ from typing import Any
 from connectrpc.request import RequestContext
 from starlette.types import Scope
 
-from interceptors.client_ip import IPNetwork, client_ip, client_network, resolve
-from interceptors.session import current_principal, procedure_of
-from server.domain.audit import Audit, Origin
+from interceptors.client_ip import IPNetwork, resolve
+from server.domain.audit import Audit
 from server.domain.errors import RateLimited, Unauthenticated
 from server.domain.throttle import (
     GLOBAL,
@@ -39,9 +38,14 @@ from server.domain.throttle import (
     network_key,
 )
 from server.edge.router import PlainResponse, Route
-from server.rpc.user_agent import summarize
+from server.rpc.context import (
+    SIGN_IN,
+    client_network,
+    current_principal,
+    origin_of,
+    procedure_of,
+)
 
-SIGN_IN = "/expense.auth.v1.AuthService/SignIn"
 _TOO_MANY_UNAUTHENTICATED = "too many calls without a valid session"
 
 
@@ -99,11 +103,8 @@ class PrincipalRateLimit:
                 PER_USER, principal.user.id, what="too many calls for this user"
             )
         except RateLimited:
-            origin = Origin(
-                ip=client_ip(), user_agent=summarize(ctx.request_headers.get("user-agent", ""))
-            )
             await self._audit.rate_limited(
-                user_id=principal.user.id, origin=origin, reason=procedure_of(ctx)
+                user_id=principal.user.id, origin=origin_of(ctx), reason=procedure_of(ctx)
             )
             raise
 

@@ -2,13 +2,13 @@
 
 Runs before the request body is read (a leading metadata interceptor), so an
 unauthenticated call costs no body parsing. The principal lives in a ContextVar
-for the duration of the call; handlers read it with `current_principal()`.
+for the duration of the call; handlers read it with `server.rpc.context.current_principal()`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
-from contextvars import ContextVar, Token
+from contextvars import Token
 from typing import Any
 
 from connectrpc.request import RequestContext
@@ -16,26 +16,8 @@ from connectrpc.request import RequestContext
 from server.domain.errors import Unauthenticated
 from server.domain.models import Principal
 from server.domain.sessions import Sessions
+from server.rpc.context import procedure_of, reset_principal, set_principal
 from server.rpc.cookies import SessionCookies
-
-_principal: ContextVar[Principal | None] = ContextVar("expense_auth_principal", default=None)
-
-
-def current_principal() -> Principal:
-    """The caller of the current authenticated RPC.
-
-    Raises:
-        RuntimeError: Called from a public RPC, which is a programming error.
-    """
-    principal = _principal.get()
-    if principal is None:
-        raise RuntimeError("no principal: the procedure is not behind the session interceptor")
-    return principal
-
-
-def procedure_of(ctx: RequestContext[Any, Any]) -> str:
-    """The `/package.Service/Method` path of the call."""
-    return f"/{ctx.method.service_name}/{ctx.method.name}"
 
 
 class SessionInterceptor:
@@ -68,7 +50,7 @@ class SessionInterceptor:
         except Unauthenticated:
             ctx.response_headers.add("set-cookie", self._cookies.expire())
             raise
-        return _principal.set(principal)
+        return set_principal(principal)
 
     async def on_end(
         self,
@@ -78,4 +60,4 @@ class SessionInterceptor:
     ) -> None:
         """Forget the principal."""
         if token is not None:
-            _principal.reset(token)
+            reset_principal(token)

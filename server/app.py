@@ -58,6 +58,7 @@ from server.ops.readiness import Readiness, healthz
 from server.rpc.admin import AdminService
 from server.rpc.auth import AuthService
 from server.rpc.codecs import DepthLimitedJSONCodec
+from server.rpc.context import PUBLIC_PROCEDURES, REFLECTION_PROCEDURES
 from server.rpc.cookies import SessionCookies
 from server.rpc.health import HealthService
 from server.rpc.nonces import SignInNonces
@@ -72,18 +73,6 @@ from server.storage.sqlite import SQLiteStore, check_schema
 READ_MAX_BYTES = 64 * 1024
 DEV_SECRET_FILE = "dev-session-secret"  # noqa: S105 (a file name, not a secret)
 CODECS: tuple[Codec[Any, Any], ...] = (proto_binary_codec(), DepthLimitedJSONCodec())
-PUBLIC_PROCEDURES = frozenset(
-    {
-        "/expense.auth.v1.AuthService/SignIn",
-        "/expense.auth.v1.AuthService/CreateSignInNonce",
-    }
-)
-REFLECTION_PROCEDURES = frozenset(
-    {
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-    }
-)
 
 
 class _Limits(TypedDict):

@@ -22,7 +22,7 @@ from server.domain.admin import Admin
 from server.domain.errors import InvalidArgument
 from server.domain.models import User
 from server.rpc import convert
-from server.rpc.auth import origin_of
+from server.rpc.context import origin_of
 from server.rpc.page_tokens import PageTokens
 
 ADMIN = "admin"

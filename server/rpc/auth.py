@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 from connectrpc.request import RequestContext
 
@@ -24,8 +24,6 @@ from gen.expense.auth.v1.auth_pb import (
     SignOutRequest,
     SignOutResponse,
 )
-from interceptors.client_ip import client_ip, client_network
-from interceptors.session import current_principal
 from server.domain.audit import (
     SESSION_REVOKED,
     SIGN_IN,
@@ -44,20 +42,15 @@ from server.domain.throttle import (
     Throttle,
 )
 from server.rpc import convert
+from server.rpc.context import client_network, current_principal, origin_of
 from server.rpc.cookies import SessionCookies
 from server.rpc.nonces import NONCE_TTL_S, SignInNonces
 from server.rpc.page_tokens import PageTokens, session_cursor
-from server.rpc.user_agent import summarize
 
 # Not "cookies": browsers apply that to the whole registrable domain, which would
 # also wipe the frontend's and sibling apps' cookies. The session cookie itself is
 # expired by Set-Cookie.
 CLEAR_SITE_DATA = '"cache", "storage"'
-
-
-def origin_of(ctx: RequestContext[Any, Any]) -> Origin:
-    """The caller's IP and a summary of its User-Agent, for the audit log."""
-    return Origin(ip=client_ip(), user_agent=summarize(ctx.request_headers.get("user-agent", "")))
 
 
 class IdentityVerifier(Protocol):

@@ -17,8 +17,8 @@ from connectrpc.request import RequestContext
 
 from gen.grpc.health.v1 import health_connect
 from gen.grpc.health.v1.health_pb import HealthCheckRequest, HealthCheckResponse
-from interceptors.client_ip import client_network
 from server.ops.readiness import Readiness
+from server.rpc.context import client_network
 
 ServingStatus = HealthCheckResponse.ServingStatus
 # A load balancer needs one or two Watch streams per server; these leave room

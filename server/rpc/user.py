@@ -17,7 +17,6 @@ from gen.expense.user.v1.user_pb import (
     UpdateCurrentUserRequest,
     UpdateCurrentUserResponse,
 )
-from interceptors.session import current_principal
 from server.domain.accounts import Accounts
 from server.domain.audit import Audit
 from server.domain.clock import Clock
@@ -26,7 +25,8 @@ from server.domain.preferences import EDITABLE_FIELDS
 from server.domain.throttle import EXPORT_PER_USER, Throttle
 from server.domain.users import Users
 from server.rpc import convert
-from server.rpc.auth import CLEAR_SITE_DATA, IdentityVerifier, origin_of
+from server.rpc.auth import CLEAR_SITE_DATA, IdentityVerifier
+from server.rpc.context import current_principal, origin_of
 from server.rpc.cookies import SessionCookies
 from server.rpc.page_tokens import PageTokens
 
