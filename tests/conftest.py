@@ -11,6 +11,7 @@ import pytest
 
 from server.domain.throttle import POLICIES
 from tests.support.google import CLIENT_ID, FakeGoogle
+from tests.support.npm import REPO, pack_client, which_npm
 from tests.support.server import RunningServer, start_server
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -56,6 +57,14 @@ def server(tmp_path_factory: pytest.TempPathFactory, google: FakeGoogle) -> Iter
     running = start_server(tmp, server_env(google))
     yield running
     assert running.stop() == 0, running.logs()
+
+
+@pytest.fixture(scope="session")
+def client_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The client package (clients/ts) as `npm pack` makes it from the current sources."""
+    npm = require_tool(which_npm(), "npm")
+    require_tool(str(REPO / "node_modules" / ".bin" / "tsc"), "tsc (npm ci)")
+    return pack_client(npm, tmp_path_factory.mktemp("client-pack"))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
