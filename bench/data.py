@@ -19,8 +19,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.domain.tokens import CookieSigner
 from server.identity.dev_issuer import DEV_AUDIENCE, DevIssuer
+from server.rpc.signing import CookieSigner
 
 DB_NAME = "expense-auth.db"
 BATCH = 50_000

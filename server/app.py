@@ -44,7 +44,6 @@ from server.domain.clock import Clock, SystemClock
 from server.domain.retention import Retention, RetentionPolicy
 from server.domain.sessions import SessionPolicy, Sessions
 from server.domain.throttle import POLICIES, Throttle
-from server.domain.tokens import CookieSigner
 from server.domain.users import Users
 from server.edge.middleware import with_edge
 from server.edge.router import PlainResponse, Route, Router
@@ -63,9 +62,11 @@ from server.rpc.cookies import SessionCookies
 from server.rpc.health import HealthService
 from server.rpc.nonces import SignInNonces
 from server.rpc.page_tokens import PageTokens
+from server.rpc.signing import CookieSigner
 from server.rpc.user import UserService
 from server.rpc.user_agent import warm_up
 from server.storage.files import private_dir
+from server.storage.limits import counter_from_url, parse_limits
 from server.storage.sqlite import SQLiteStore, check_schema
 
 # Requests to this API are tiny (the largest is a ~1.5 KB ID token); refusing
@@ -177,13 +178,17 @@ def create_app(
     verifier = identity or build_verifier(config, clock=clock, dev=dev)
     warm_up()
     throttle = Throttle(
-        config.rate_limit_storage_url,
-        {name: getattr(config, f"rate_limit_{name}") for name in POLICIES},
+        counter_from_url(config.rate_limit_storage_url, clock=clock),
+        {name: parse_limits(getattr(config, f"rate_limit_{name}")) for name in POLICIES},
     )
     audit_log = Audit(store, clock=clock)
     metrics = Metrics()
     readiness = Readiness(
-        store, verifier, shutdown_marker=shutdown_marker, on_check=metrics.readiness_checks.inc
+        store,
+        verifier,
+        shutdown_marker=shutdown_marker,
+        clock=clock,
+        on_check=metrics.readiness_checks.inc,
     )
     metrics.add_scrape_time(
         ScrapeTime(
@@ -225,7 +230,7 @@ def create_app(
         verifier=verifier,
         cookies=cookies,
         nonces=SignInNonces(
-            keys, secure=config.session_secure_cookie, required=config.nonce_required
+            keys, secure=config.session_secure_cookie, required=config.nonce_required, clock=clock
         ),
         page_tokens=PageTokens(keys, name="ListSessions"),
         throttle=throttle,

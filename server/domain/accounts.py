@@ -7,7 +7,7 @@ from server.domain.audit import Audit, Origin
 from server.domain.clock import Clock
 from server.domain.errors import InvalidArgument, NotFound, PermissionDenied
 from server.domain.models import AuditEvent, Identity, Principal, UserExport
-from server.storage.base import Store
+from server.domain.ports import AccountStore
 
 REAUTH_MAX_AGE_MS = 5 * 60_000
 MAX_PAGE_SIZE = 100
@@ -17,7 +17,7 @@ DEFAULT_PAGE_SIZE = 50
 class Accounts:
     """Self-service operations on the caller's account."""
 
-    def __init__(self, store: Store, *, clock: Clock, audit_log: Audit) -> None:
+    def __init__(self, store: AccountStore, *, clock: Clock, audit_log: Audit) -> None:
         self._store = store
         self._clock = clock
         self._audit = audit_log

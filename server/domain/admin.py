@@ -7,8 +7,8 @@ from server.domain.audit import Audit, Origin
 from server.domain.clock import Clock
 from server.domain.errors import InvalidArgument, NotFound
 from server.domain.models import User
+from server.domain.ports import AdminStore
 from server.domain.sessions import SessionPolicy
-from server.storage.base import Store
 
 MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 50
@@ -18,7 +18,7 @@ class Admin:
     """What the admin API can do."""
 
     def __init__(
-        self, store: Store, *, clock: Clock, audit_log: Audit, policy: SessionPolicy
+        self, store: AdminStore, *, clock: Clock, audit_log: Audit, policy: SessionPolicy
     ) -> None:
         self._store = store
         self._clock = clock

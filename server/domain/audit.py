@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from server.domain.clock import Clock
 from server.domain.models import AuditEvent
-from server.storage.base import Store
+from server.domain.ports import AuditStore
 
 SIGN_IN = "sign_in"
 SIGN_IN_FAILED = "sign_in_failed"
@@ -20,7 +19,7 @@ ACCOUNT_DISABLED = "account_disabled"
 ACCOUNT_ENABLED = "account_enabled"
 # Rate-limit events are recorded at most this often per user, so a flood of
 # refused calls cannot turn into a flood of writes.
-RATE_LIMITED_RECORD_INTERVAL_S = 60.0
+RATE_LIMITED_RECORD_INTERVAL_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +33,10 @@ class Origin:
 class Audit:
     """Appends events to the store's audit log."""
 
-    def __init__(self, store: Store, *, clock: Clock) -> None:
+    def __init__(self, store: AuditStore, *, clock: Clock) -> None:
         self._store = store
         self._clock = clock
-        self._last_rate_limited: dict[str, float] = {}
+        self._last_rate_limited: dict[str, int] = {}
 
     async def record(
         self,
@@ -75,9 +74,9 @@ class Audit:
 
     async def rate_limited(self, *, user_id: str, origin: Origin, reason: str) -> None:
         """Record a refusal by a rate limit, at most once a minute per user."""
-        now = time.monotonic()
+        now = self._clock.monotonic_ms()
         last = self._last_rate_limited.get(user_id)
-        if last is not None and now - last < RATE_LIMITED_RECORD_INTERVAL_S:
+        if last is not None and now - last < RATE_LIMITED_RECORD_INTERVAL_MS:
             return
         if len(self._last_rate_limited) > 10_000:
             self._last_rate_limited.clear()

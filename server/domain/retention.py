@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server.domain.clock import Clock
-from server.storage.base import Store
+from server.domain.ports import RetentionStore
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -32,7 +32,7 @@ class RetentionPolicy:
 class Retention:
     """Purges what the policy says is no longer kept."""
 
-    def __init__(self, store: Store, *, clock: Clock, policy: RetentionPolicy) -> None:
+    def __init__(self, store: RetentionStore, *, clock: Clock, policy: RetentionPolicy) -> None:
         self._store = store
         self._clock = clock
         self._policy = policy

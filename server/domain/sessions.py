@@ -21,8 +21,8 @@ from server.domain.models import (
     SingleUse,
     User,
 )
+from server.domain.ports import SessionStore, UserDefaults
 from server.domain.tokens import hash_secret, new_public_id, new_secret
-from server.storage.base import Store, UserDefaults
 
 MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 50
@@ -87,7 +87,7 @@ class Sessions:
 
     def __init__(
         self,
-        store: Store,
+        store: SessionStore,
         *,
         clock: Clock,
         policy: SessionPolicy,

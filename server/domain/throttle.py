@@ -1,33 +1,18 @@
-"""Rate limits by named policy: the sliding-window counter, in memory or in Redis.
+"""Rate limits by named policy, and how a client is keyed.
 
-Each policy is a list of limits such as `10/minute;60/hour` (parsed by the
-`limits` library), all of which must hold. The sliding-window counter weighs
-the previous window's count by how much of it still overlaps (no burst at a
-window edge, unlike fixed windows) and keeps two counters per key. Each hit is
-an atomic check-and-count, so concurrent requests cannot overshoot.
-
-- `redis://host:port` shares the counts between replicas, through `limits`'
-  own Redis storage and strategy.
-- `memory://` (the default) keeps them in this process, in `MemoryWindows`: the
-  same algorithm as `limits`' strategy, done in place. `limits`' memory storage
-  cost ~20 us per hit (an asyncio lock, two key lookups and an expiry pass over
-  every key in a worker thread every 10 ms); the hot path makes three hits per
-  call, which was ~15 % of its CPU (bench/variants.py, `no_limits`). Here a hit
-  is two dict lookups and an integer update, and old windows are dropped whole.
+Each policy is a list of limits such as `10/minute;60/hour`, all of which must
+hold. The counts live behind the `WindowCounter` port: in this process's memory
+by default, or in Redis shared by replicas (server/storage/limits.py). Each hit
+is an atomic check-and-count, so concurrent requests cannot overshoot.
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
-import math
-import threading
-import time
-from collections.abc import Callable, Mapping
-
-from limits import RateLimitItem, parse_many
-from limits.aio.strategies import SlidingWindowCounterRateLimiter
-from limits.storage import storage_from_string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 from server.domain.errors import RateLimited
 
@@ -76,94 +61,34 @@ def network_key(ip: str, ipv6_prefix: int) -> str:
     return str(address)
 
 
-class MemoryWindows:
-    """Sliding-window counters for one limit (`amount` per `window_s`), in memory.
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """At most `amount` requests per `window_s` seconds (a sliding-window counter)."""
 
-    Windows are aligned to the epoch, as in `limits`. Counts are kept per window
-    (window index -> key -> count); only the current and the previous window are
-    read, and a window's counts are dropped as a whole once it is two windows old,
-    so memory follows the keys seen recently and no pass over the keys is needed.
-    """
+    amount: int
+    window_s: int
 
-    def __init__(self, amount: int, window_s: int, *, now: Callable[[], float]) -> None:
-        self._amount = amount
-        self._window_s = window_s
-        self._now = now
-        self._counts: dict[int, dict[str, int]] = {}
-        self._lock = threading.Lock()  # uncontended on the event loop; safe from any thread
 
-    def hit(self, key: str, *, count: bool = True, refuse: bool = True) -> bool:
-        """Whether one more request fits; counts it if it does (or if `refuse` is off)."""
-        now = self._now()
-        index = int(now // self._window_s)
-        with self._lock:
-            current = self._counts.get(index)
-            if current is None:
-                current = self._start_window(index)
-            previous = self._counts.get(index - 1)
-            earlier = previous.get(key, 0) if previous else 0
-            counted = current.get(key, 0)
-            elapsed = now / self._window_s - index  # fraction of the current window gone
-            fits = math.floor(earlier * (1.0 - elapsed) + counted) + 1 <= self._amount
-            if count and (fits or not refuse):
-                current[key] = counted + 1
-            return fits
+class WindowCounter(Protocol):
+    """Where the counts live: this process's memory, or Redis shared by replicas."""
 
-    def retry_after_s(self, key: str) -> int:
-        """Whole seconds until one more request would fit, if nothing else is counted."""
-        now = self._now()
-        index = int(now // self._window_s)
-        with self._lock:
-            previous = self._counts.get(index - 1, {}).get(key, 0)
-            current = self._counts.get(index, {}).get(key, 0)
-        limit = self._amount
-        start = index * self._window_s
-        if current < limit and previous > 0:
-            # Within this window: previous * (1 - f) + current < limit.
-            at = start + self._window_s * (1.0 - (limit - current) / previous)
-        else:
-            # In the next window, where this window's count is the previous one.
-            carried = max(current, limit)
-            at = start + self._window_s * (2.0 - limit / carried)
-        return max(1, math.ceil(at - now))
+    async def hit(
+        self, slot: tuple[str, int], limit: Limit, key: str, *, count: bool, refuse: bool
+    ) -> int | None:
+        """Weigh one more request for `key` against `limit` (one of a policy's limits).
 
-    def __len__(self) -> int:
-        """How many counts are held (a key seen in both windows counts twice)."""
-        return sum(len(counts) for counts in self._counts.values())
-
-    def _start_window(self, index: int) -> dict[str, int]:
-        for old in [i for i in self._counts if i < index - 1]:
-            del self._counts[old]
-        current: dict[str, int] = {}
-        self._counts[index] = current
-        return current
+        Returns None when it fits, counting it if `count`; else the whole seconds
+        until one more would fit (counting it anyway when `refuse` is off).
+        """
+        ...
 
 
 class Throttle:
-    """Named rate-limit policies over one storage."""
+    """Named rate-limit policies, each a list of limits that must all hold."""
 
-    def __init__(
-        self,
-        storage_url: str,
-        policies: Mapping[str, str],
-        *,
-        now: Callable[[], float] = time.time,
-    ) -> None:
-        self._policies: dict[str, tuple[RateLimitItem, ...]] = {
-            name: tuple(parse_many(spec)) for name, spec in policies.items()
-        }
-        self._now = now
-        url = storage_url.removeprefix("async+")
-        self._memory: dict[tuple[str, int], MemoryWindows] | None = None
-        self._limiter: SlidingWindowCounterRateLimiter | None = None
-        if url.startswith("memory://"):
-            self._memory = {
-                (name, i): MemoryWindows(item.amount, item.get_expiry(), now=now)
-                for name, items in self._policies.items()
-                for i, item in enumerate(items)
-            }
-        else:
-            self._limiter = SlidingWindowCounterRateLimiter(storage_from_string(f"async+{url}"))
+    def __init__(self, counter: WindowCounter, policies: Mapping[str, Sequence[Limit]]) -> None:
+        self._counter = counter
+        self._policies = {name: tuple(limits) for name, limits in policies.items()}
 
     async def hit(self, policy: str, key: str, *, what: str) -> None:
         """Count one request against every limit of `policy` for `key`.
@@ -182,21 +107,10 @@ class Throttle:
         await self._apply(policy, key, what="", count=True, refuse=False)
 
     async def _apply(self, policy: str, key: str, *, what: str, count: bool, refuse: bool) -> None:
-        memory = self._memory
-        for i, item in enumerate(self._policies[policy]):
-            if memory is not None:
-                windows = memory[policy, i]
-                if not windows.hit(key, count=count, refuse=refuse) and refuse:
-                    raise _refusal(what, windows.retry_after_s(key))
-                continue
-            assert self._limiter is not None
-            if count:
-                fits = await self._limiter.hit(item, policy, key)
-            else:
-                fits = await self._limiter.test(item, policy, key)
-            if not fits and refuse:
-                stats = await self._limiter.get_window_stats(item, policy, key)
-                raise _refusal(what, math.ceil(stats.reset_time - self._now()))
+        for i, limit in enumerate(self._policies[policy]):
+            wait_s = await self._counter.hit((policy, i), limit, key, count=count, refuse=refuse)
+            if wait_s is not None and refuse:
+                raise _refusal(what, wait_s)
 
 
 def _refusal(what: str, retry_s: int) -> RateLimited:

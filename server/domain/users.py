@@ -5,14 +5,14 @@ from __future__ import annotations
 from server.domain.clock import Clock
 from server.domain.errors import InvalidArgument, NotFound
 from server.domain.models import Principal, User
+from server.domain.ports import ProfileStore
 from server.domain.preferences import clean_changes
-from server.storage.base import Store
 
 
 class Users:
     """Profile and preferences of the signed-in user."""
 
-    def __init__(self, store: Store, *, clock: Clock) -> None:
+    def __init__(self, store: ProfileStore, *, clock: Clock) -> None:
         self._store = store
         self._clock = clock
 

@@ -102,13 +102,13 @@ class HttpCerts:
             if not self._may_fetch(key_id):
                 assert self._certs is not None
                 return self._certs
-            if self._certs is None and self._clock.now_ms() < self._failed_until_ms:
+            if self._certs is None and self._clock.monotonic_ms() < self._failed_until_ms:
                 raise _unavailable()
-            self._last_fetch_ms = self._clock.now_ms()
+            self._last_fetch_ms = self._clock.monotonic_ms()
             try:
                 fetched = await asyncio.to_thread(self._fetch)
             except (google.auth.exceptions.TransportError, ValueError, OSError) as exc:
-                now = self._clock.now_ms()
+                now = self._clock.monotonic_ms()
                 if self._certs is not None:
                     log.warning(
                         "certs refresh failed; using cached keys",
@@ -123,7 +123,7 @@ class HttpCerts:
                 self._failed_until_ms = now + RETRY_BACKOFF_MS
                 raise _unavailable() from None
             self._certs = fetched.certs
-            self._fresh_until_ms = self._clock.now_ms() + fetched.max_age_s * 1000
+            self._fresh_until_ms = self._clock.monotonic_ms() + fetched.max_age_s * 1000
             return self._certs
 
     async def available(self) -> bool:
@@ -137,17 +137,17 @@ class HttpCerts:
         return True
 
     def _usable(self, key_id: str | None) -> bool:
-        if self._certs is None or self._clock.now_ms() >= self._fresh_until_ms:
+        if self._certs is None or self._clock.monotonic_ms() >= self._fresh_until_ms:
             return False
         return key_id is None or key_id in self._certs
 
     def _may_fetch(self, key_id: str | None) -> bool:
         """Stale or empty: always. Fresh but the key id is unknown: at most every 30 s."""
-        if self._certs is None or self._clock.now_ms() >= self._fresh_until_ms:
+        if self._certs is None or self._clock.monotonic_ms() >= self._fresh_until_ms:
             return True
         if self._last_fetch_ms is None:
             return True
-        return self._clock.now_ms() - self._last_fetch_ms >= MIN_REFETCH_INTERVAL_MS
+        return self._clock.monotonic_ms() - self._last_fetch_ms >= MIN_REFETCH_INTERVAL_MS
 
     def _fetch(self) -> _Fetched:
         self.fetch_count += 1

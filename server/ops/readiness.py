@@ -10,19 +10,26 @@ the app runs in Envoy's process, where Python cannot install signal handlers.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from starlette.types import Scope
 
+from server.domain.clock import Clock
 from server.edge.router import PlainResponse
-from server.storage.base import Store
 
 # The environment variable through which `expense-auth serve` tells the app
 # (in Envoy's process) where the shutdown marker file will appear.
 SHUTDOWN_MARKER_ENV = "EXPENSE_AUTH_SHUTDOWN_MARKER"
+
+
+class StoreProbe(Protocol):
+    """The store, as readiness sees it."""
+
+    async def probe(self) -> str:
+        """ "" when the store is reachable, writable and migrated; else the problem."""
+        ...
 
 
 class KeySource(Protocol):
@@ -43,21 +50,23 @@ class Readiness:
 
     def __init__(
         self,
-        store: Store,
+        store: StoreProbe,
         keys: KeySource,
         *,
         shutdown_marker: Path | None,
+        clock: Clock,
         max_age_s: float = 1.0,
         poll_s: float = 1.0,
         on_check: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
+        self._clock = clock
         self._on_check = on_check
         self._keys = keys
         self._marker = shutdown_marker
         self._max_age_s = max_age_s
         self._poll_s = poll_s
-        self._cached: tuple[float, dict[str, str]] | None = None
+        self._cached: tuple[int, dict[str, str]] | None = None
         self._computing: asyncio.Task[dict[str, str]] | None = None
         self._watchers = 0
         self._watched: bool | None = None
@@ -73,7 +82,7 @@ class Readiness:
         """Each check's result: "ok" or what is wrong."""
         shutdown = {"shutdown": "draining" if self.draining else "ok"}
         cached = self._cached
-        if cached is not None and time.monotonic() - cached[0] < self._max_age_s:
+        if cached is not None and self._clock.monotonic_ms() - cached[0] < self._max_age_s * 1000:
             return shutdown | cached[1]
         if self._computing is None:
             self._computing = asyncio.get_running_loop().create_task(self._compute())
@@ -89,7 +98,7 @@ class Readiness:
                 "database": store_problem or "ok",
                 "identity_keys": "ok" if await self._keys.keys_available() else "unavailable",
             }
-            self._cached = (time.monotonic(), result)
+            self._cached = (self._clock.monotonic_ms(), result)
             return result
         finally:
             self._computing = None

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from typing import Protocol
-
 from connectrpc.request import RequestContext
 
 from gen.expense.auth.v1 import auth_connect
@@ -34,6 +31,7 @@ from server.domain.audit import (
 )
 from server.domain.errors import DomainError, EmailNotVerified, RateLimited, Unauthenticated
 from server.domain.models import Identity
+from server.domain.ports import IdentityVerifier
 from server.domain.sessions import Sessions
 from server.domain.throttle import (
     FAILED_SIGNIN_PER_IP,
@@ -44,21 +42,13 @@ from server.domain.throttle import (
 from server.rpc import convert
 from server.rpc.context import client_network, current_principal, origin_of
 from server.rpc.cookies import SessionCookies
-from server.rpc.nonces import NONCE_TTL_S, SignInNonces
+from server.rpc.nonces import SignInNonces
 from server.rpc.page_tokens import PageTokens, session_cursor
 
 # Not "cookies": browsers apply that to the whole registrable domain, which would
 # also wipe the frontend's and sibling apps' cookies. The session cookie itself is
 # expired by Set-Cookie.
 CLEAR_SITE_DATA = '"cache", "storage"'
-
-
-class IdentityVerifier(Protocol):
-    """Turns an ID token into a verified identity."""
-
-    async def verify(self, token: str) -> Identity:
-        """The identity in the token, or a domain error."""
-        ...
 
 
 class AuthService(auth_connect.AuthService):
@@ -89,10 +79,9 @@ class AuthService(auth_connect.AuthService):
         ctx: RequestContext[CreateSignInNonceRequest, CreateSignInNonceResponse],
     ) -> CreateSignInNonceResponse:
         """A fresh nonce, bound to this browser by a short-lived cookie."""
-        nonce, set_cookie = self._nonces.issue()
+        nonce, set_cookie, expire_ms = self._nonces.issue()
         ctx.response_headers.add("set-cookie", set_cookie)
-        expire = time.time_ns() // 1_000_000 + NONCE_TTL_S * 1000
-        return CreateSignInNonceResponse(nonce=nonce, expire_time=convert.timestamp(expire))
+        return CreateSignInNonceResponse(nonce=nonce, expire_time=convert.timestamp(expire_ms))
 
     async def sign_in(
         self, request: SignInRequest, ctx: RequestContext[SignInRequest, SignInResponse]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from server.domain.tokens import CookieSigner
+from server.rpc.signing import CookieSigner
 
 BASE_NAME = "expense_session"
 

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 
 from itsdangerous import BadSignature, SignatureExpired, TimestampSigner
 
+from server.domain.clock import Clock
 from server.domain.errors import Unauthenticated
 from server.domain.models import SingleUse
 from server.domain.tokens import canonical_b64url
@@ -31,16 +32,23 @@ BASE_NAME = "expense_signin_nonce"
 class SignInNonces:
     """Issues nonce cookies and checks tokens against them."""
 
-    def __init__(self, keys_oldest_first: Sequence[str], *, secure: bool, required: bool) -> None:
-        self._signer = TimestampSigner(list(keys_oldest_first), salt="expense-auth.signin-nonce")
+    def __init__(
+        self, keys_oldest_first: Sequence[str], *, secure: bool, required: bool, clock: Clock
+    ) -> None:
+        self._clock = clock
+        self._signer = _ClockedSigner(
+            list(keys_oldest_first), salt="expense-auth.signin-nonce", clock=clock
+        )
         self._secure = secure
         self.required = required
         self.name = ("__Host-" if secure else "") + BASE_NAME
 
-    def issue(self) -> tuple[str, str]:
-        """A fresh nonce and the Set-Cookie value that binds it to this browser."""
+    def issue(self) -> tuple[str, str, int]:
+        """A fresh nonce, the Set-Cookie value that binds it to this browser, and when it
+        expires (epoch ms)."""
         nonce = secrets.token_urlsafe(24)
-        return nonce, self._format(self._signer.sign(nonce).decode(), NONCE_TTL_S)
+        expire_ms = self._clock.now_ms() + NONCE_TTL_S * 1000
+        return nonce, self._format(self._signer.sign(nonce).decode(), NONCE_TTL_S), expire_ms
 
     def expire(self) -> str:
         """A Set-Cookie value that deletes the nonce cookie."""
@@ -92,3 +100,15 @@ class SignInNonces:
 
     def _format(self, value: str, max_age: int) -> str:
         return format_cookie(self.name, value, max_age=max_age, secure=self._secure)
+
+
+class _ClockedSigner(TimestampSigner):
+    """itsdangerous' timestamp signer on the service's clock (it reads `time.time`)."""
+
+    def __init__(self, keys: list[str], *, salt: str, clock: Clock) -> None:
+        super().__init__(keys, salt=salt)
+        self._clock = clock
+
+    def get_timestamp(self) -> int:
+        """Now, in whole seconds since the epoch."""
+        return self._clock.now_ms() // 1000

@@ -21,11 +21,12 @@ from server.domain.accounts import Accounts
 from server.domain.audit import Audit
 from server.domain.clock import Clock
 from server.domain.errors import InvalidArgument, RateLimited
+from server.domain.ports import IdentityVerifier
 from server.domain.preferences import EDITABLE_FIELDS
 from server.domain.throttle import EXPORT_PER_USER, Throttle
 from server.domain.users import Users
 from server.rpc import convert
-from server.rpc.auth import CLEAR_SITE_DATA, IdentityVerifier
+from server.rpc.auth import CLEAR_SITE_DATA
 from server.rpc.context import current_principal, origin_of
 from server.rpc.cookies import SessionCookies
 from server.rpc.page_tokens import PageTokens

@@ -32,7 +32,7 @@ from server.domain.models import (
     User,
     UserExport,
 )
-from server.storage.base import UserDefaults
+from server.domain.ports import UserDefaults
 from server.storage.files import private_file
 from server.storage.migrations import migrations
 

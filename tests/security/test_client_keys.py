@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from collections.abc import Iterator
 
@@ -51,11 +52,12 @@ def v4() -> str:
 
 
 def v6_network() -> str:
-    """A fresh /64 of the documentation range, as a prefix ending in `:`."""
+    """A fresh /64 of the documentation range, as its first four groups and a `:`."""
     return f"2001:db8:{secrets.randbelow(0xFFFF):x}:{secrets.randbelow(0xFFFF):x}:"
 
 
 def sign_in(server: RunningServer, token: str, ip: str) -> Response:
+    ipaddress.ip_address(ip)  # a bad hop would silently fall back to the proxy's address
     return connect_post(
         server.url, SIGN_IN, {"googleIdToken": token}, headers={"x-forwarded-for": ip}
     )
@@ -73,6 +75,7 @@ def signed_in(server: RunningServer, google: FakeGoogle) -> Session:
 
 
 def call(server: RunningServer, ip: str, cookie: str | None = None) -> Response:
+    ipaddress.ip_address(ip)
     headers = {"x-forwarded-for": ip}
     if cookie is not None:
         headers["cookie"] = cookie
@@ -84,11 +87,11 @@ def test_an_ipv6_client_is_its_64(keyed: RunningServer, google: FakeGoogle) -> N
     addresses = [f"{network}{secrets.randbelow(0xFFFF):x}:{n:x}:1:2" for n in range(7)]
     assert [call(keyed, a).status for a in addresses] == [401] * 5 + [429] * 2
     # The next /64 over is another client.
-    assert call(keyed, v6_network() + "1").status == 401
+    assert call(keyed, v6_network() + ":1").status == 401
     # Sign-in attempts too (10 a minute per network here).
     network = v6_network()
     statuses = [
-        sign_in(keyed, google.token(sub=secrets.token_hex(8)), f"{network}{n:x}").status
+        sign_in(keyed, google.token(sub=secrets.token_hex(8)), f"{network}:{n:x}").status
         for n in range(1, 12)
     ]
     assert statuses == [200] * 10 + [429]

@@ -17,7 +17,7 @@ import pytest
 from server.domain.errors import InvalidIdToken
 from server.domain.models import AuditEvent, Identity, Principal, User
 from server.domain.sessions import NewSession, SessionPolicy, Sessions
-from server.domain.tokens import CookieSigner
+from server.rpc.signing import CookieSigner
 from server.storage.sqlite import SchemaTooNew, SQLiteStore, check_schema, migrate
 from tests.support.clock import ManualClock
 

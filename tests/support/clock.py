@@ -1,7 +1,9 @@
-"""A controllable clock shared with a server process through a file.
+"""Controllable clocks: one shared with a server process through a file, one in-process.
 
-The server under test reads the file on every `now_ms()`; the test writes it.
-Until the test sets a time, the real time is used.
+The server under test reads the file on every reading; the test writes it.
+Until the test sets a time, the real clocks are used. `advance` moves both the
+wall clock and the monotonic clock, as time passing does; `step_wall` moves
+only the wall clock, as an NTP correction or an operator's `date -s` does.
 """
 
 from __future__ import annotations
@@ -12,27 +14,47 @@ from pathlib import Path
 
 
 class FileClock:
-    """The fake clock: a millisecond timestamp in a file."""
+    """The fake clock: `<wall ms> <monotonic ms>` in a file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def now_ms(self) -> int:
-        """The time in the file, or the real time when unset."""
+    def _read(self) -> tuple[int, int]:
         try:
-            return int(self.path.read_text())
+            wall, mono = self.path.read_text().split()
+            return int(wall), int(mono)
         except (FileNotFoundError, ValueError):
-            return time.time_ns() // 1_000_000
+            return time.time_ns() // 1_000_000, time.monotonic_ns() // 1_000_000
 
-    def set_ms(self, value: int) -> None:
-        """Set the time (atomically, so the server never reads half a number)."""
+    def now_ms(self) -> int:
+        """The wall time in the file, or the real time when unset."""
+        return self._read()[0]
+
+    def monotonic_ms(self) -> int:
+        """The monotonic time in the file, or the real one when unset."""
+        return self._read()[1]
+
+    def _write(self, wall: int, mono: int) -> None:
+        # Atomically, so that the server never reads half a number.
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(str(value))
+        tmp.write_text(f"{wall} {mono}")
         os.replace(tmp, self.path)
 
+    def set_ms(self, value: int) -> None:
+        """Set the wall time; the monotonic clock moves by as much (forward only)."""
+        wall, mono = self._read()
+        self._write(value, mono + max(0, value - wall))
+
     def advance(self, seconds: float) -> None:
-        """Move the clock forward."""
-        self.set_ms(self.now_ms() + int(seconds * 1000))
+        """Let time pass: both clocks move forward."""
+        wall, mono = self._read()
+        delta = int(seconds * 1000)
+        self._write(wall + delta, mono + delta)
+
+    def step_wall(self, seconds: float) -> None:
+        """Step the wall clock (forward or back) while the monotonic clock stands."""
+        wall, mono = self._read()
+        self._write(wall + int(seconds * 1000), mono)
 
 
 class ManualClock:
@@ -40,15 +62,25 @@ class ManualClock:
 
     def __init__(self, start_ms: int = 1_767_225_600_000) -> None:
         self.ms = start_ms
+        self.mono = 1_000_000
 
     def now_ms(self) -> int:
-        """The current fake time."""
+        """The current fake wall time."""
         return self.ms
 
+    def monotonic_ms(self) -> int:
+        """The current fake monotonic time."""
+        return self.mono
+
     def advance(self, seconds: float) -> None:
-        """Move forward by seconds."""
-        self.ms += int(seconds * 1000)
+        """Move both clocks forward by seconds."""
+        self.advance_ms(int(seconds * 1000))
 
     def advance_ms(self, ms: int) -> None:
-        """Move forward by milliseconds."""
+        """Move both clocks forward by milliseconds."""
         self.ms += ms
+        self.mono += ms
+
+    def step_wall(self, seconds: float) -> None:
+        """Step the wall clock only."""
+        self.ms += int(seconds * 1000)

@@ -1,7 +1,10 @@
-"""The storage contract. The domain talks to these Protocols only.
+"""The domain's ports: what each domain service needs from the world, owned by that service.
 
-Methods are async so that an engine with network I/O (PostgreSQL) fits the same
-contract; the embedded SQLite engine completes them without yielding.
+Storage engines implement these (the SQLite store implements all of them); the
+domain never imports an engine. Each protocol is small and named for its caller
+(Go's "interfaces belong to the consumer"). Methods are async so that an engine
+with network I/O fits the same contract. Times are epoch milliseconds; "live"
+means not revoked, not past `expire_ms`, and last seen after `idle_cutoff_ms`.
 """
 
 from __future__ import annotations
@@ -40,8 +43,16 @@ class UserDefaults(Protocol):
         ...
 
 
-class Store(Protocol):
-    """Users and sessions, in one transactional store."""
+class IdentityVerifier(Protocol):
+    """Turns an ID token into a verified identity."""
+
+    async def verify(self, token: str) -> Identity:
+        """The identity in the token, or a domain error."""
+        ...
+
+
+class SessionStore(Protocol):
+    """What the session service (`Sessions`) needs."""
 
     async def sign_in(
         self,
@@ -64,14 +75,8 @@ class Store(Protocol):
         """
         ...
 
-    async def get_user(self, user_id: str) -> User | None:
-        """The user with this id, or None."""
-        ...
-
-    async def update_user(
-        self, user_id: str, changes: Mapping[str, str], *, now_ms: int
-    ) -> User | None:
-        """Set the given profile columns; None when the user does not exist."""
+    async def find_user_by_subject(self, issuer: str, subject: str) -> User | None:
+        """The user signing in as (issuer, subject)."""
         ...
 
     async def find_principal(self, token_hash: bytes) -> Principal | None:
@@ -79,7 +84,7 @@ class Store(Protocol):
         ...
 
     async def touch_session(self, session_id: str, *, last_seen_ms: int) -> None:
-        """Record that the session was used."""
+        """Record that the session was used (never moves last-seen back)."""
         ...
 
     async def revoke_session(
@@ -91,8 +96,11 @@ class Store(Protocol):
         idle_cutoff_ms: int,
         caller_id: str | None = None,
     ) -> bool:
-        """Revoke one live session of the user (not revoked, not past `expire_ms`, last
-        seen after `idle_cutoff_ms`); False when there is no such live session."""
+        """Revoke one live session of the user; False when there is no such live session.
+
+        Raises:
+            Unauthenticated: `caller_id` was revoked or ended meanwhile.
+        """
         ...
 
     async def revoke_other_sessions(
@@ -110,13 +118,30 @@ class Store(Protocol):
         after: SessionCursor | None,
         limit: int,
     ) -> list[Session]:
-        """The user's sessions that are not revoked, not past `expire_ms` and last seen
-        after `idle_cutoff_ms`, newest first, starting after `after`."""
+        """The user's live sessions, newest first, starting after `after`."""
         ...
+
+
+class ProfileStore(Protocol):
+    """What the profile service (`Users`) needs."""
+
+    async def update_user(
+        self, user_id: str, changes: Mapping[str, str], *, now_ms: int
+    ) -> User | None:
+        """Set the given profile columns; None when the user does not exist."""
+        ...
+
+
+class AuditStore(Protocol):
+    """What the audit log (`Audit`) needs."""
 
     async def record_event(self, event: AuditEvent) -> None:
         """Append one audit event."""
         ...
+
+
+class AccountStore(Protocol):
+    """What self-service account operations (`Accounts`) need."""
 
     async def list_events(
         self, user_id: str, *, before_id: int | None, limit: int
@@ -125,11 +150,7 @@ class Store(Protocol):
         ...
 
     async def export_user(self, user_id: str) -> UserExport | None:
-        """Everything stored about the user, consistently."""
-        ...
-
-    async def find_user_by_subject(self, issuer: str, subject: str) -> User | None:
-        """The user signing in as (issuer, subject)."""
+        """Everything stored about the user, read consistently."""
         ...
 
     async def delete_user(
@@ -137,6 +158,20 @@ class Store(Protocol):
     ) -> bool:
         """Delete the user with sessions and events, claiming the re-authentication token,
         and record the tombstone and the deletion, atomically."""
+        ...
+
+
+class AdminStore(Protocol):
+    """What operator actions (`Admin`) need."""
+
+    async def get_user(self, user_id: str) -> User | None:
+        """The user with this id, or None."""
+        ...
+
+    async def list_users(
+        self, *, email_contains: str, after_id: str | None, limit: int
+    ) -> list[User]:
+        """Users by id, filtered by an email substring."""
         ...
 
     async def set_disabled(
@@ -149,11 +184,9 @@ class Store(Protocol):
         """Revoke every live session of the user; returns how many."""
         ...
 
-    async def list_users(
-        self, *, email_contains: str, after_id: str | None, limit: int
-    ) -> list[User]:
-        """Users by id, filtered by an email substring."""
-        ...
+
+class RetentionStore(Protocol):
+    """What the retention job (`Retention`) needs."""
 
     async def purge(
         self,
@@ -165,16 +198,4 @@ class Store(Protocol):
         ips_before_ms: int,
     ) -> dict[str, int]:
         """Apply the retention windows; returns counts per kind of row."""
-        ...
-
-    async def probe(self) -> str:
-        """ "" when the store is reachable, writable and migrated; else the problem."""
-        ...
-
-    def checkpoint(self) -> None:
-        """Make the store's files self-contained (before backups and at shutdown)."""
-        ...
-
-    def close(self) -> None:
-        """Release the store's connections."""
         ...

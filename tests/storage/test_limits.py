@@ -1,4 +1,4 @@
-"""The Throttle over real storages: in memory, and Redis shared by two replicas."""
+"""The Throttle over the real counters: in memory, and Redis shared by two replicas."""
 
 from __future__ import annotations
 
@@ -10,10 +10,19 @@ from pathlib import Path
 
 import pytest
 
+from server.domain.clock import Clock, SystemClock
 from server.domain.errors import RateLimited
-from server.domain.throttle import MemoryWindows, Throttle
+from server.domain.throttle import Throttle
+from server.storage.limits import MemoryWindows, counter_from_url, parse_limits
+from tests.support.clock import ManualClock
 
 REDIS = "redis://127.0.0.1:6379"
+
+
+def make(url: str, specs: dict[str, str], clock: Clock | None = None) -> Throttle:
+    """A Throttle as create_app builds one."""
+    counter = counter_from_url(url, clock=clock or SystemClock())
+    return Throttle(counter, {name: parse_limits(spec) for name, spec in specs.items()})
 
 
 async def outcomes(throttle: Throttle, key: str, n: int) -> list[bool]:
@@ -28,18 +37,18 @@ async def outcomes(throttle: Throttle, key: str, n: int) -> list[bool]:
 
 
 def test_concurrent_hits_never_exceed_the_limit_in_memory() -> None:
-    throttle = Throttle("memory://", {"p": "10/minute"})
+    throttle = make("memory://", {"p": "10/minute"})
     results = asyncio.run(outcomes(throttle, "k", 50))
     assert results.count(True) == 10
 
 
 def test_every_limit_of_a_policy_holds() -> None:
-    throttle = Throttle("memory://", {"p": "100/minute;3/second"})
+    throttle = make("memory://", {"p": "100/minute;3/second"})
     assert asyncio.run(outcomes(throttle, "k", 5)).count(True) == 3
 
 
 def test_refusal_says_what_and_when() -> None:
-    throttle = Throttle("memory://", {"p": "1/hour"})
+    throttle = make("memory://", {"p": "1/hour"})
 
     async def run() -> RateLimited:
         await throttle.hit("p", "k", what="too many sign-ins")
@@ -120,13 +129,14 @@ def test_counts_of_ended_windows_are_dropped() -> None:
 
 
 def test_throttle_refusal_quotes_the_exact_wait() -> None:
-    clock = FakeTime(600.0)
-    throttle = Throttle("memory://", {"p": "2/minute"}, now=clock)
+    clock = ManualClock()
+    clock.mono = 600_000  # on a window boundary
+    throttle = make("memory://", {"p": "2/minute"}, clock)
 
     async def run() -> RateLimited:
         await throttle.hit("p", "k", what="too many")
         await throttle.hit("p", "k", what="too many")
-        clock.now = 645.0
+        clock.advance(45)
         with pytest.raises(RateLimited) as err:
             await throttle.hit("p", "k", what="too many")
         return err.value
@@ -138,11 +148,14 @@ def test_throttle_refusal_quotes_the_exact_wait() -> None:
 
 REPLICA = """
 import asyncio, sys
+from server.domain.clock import SystemClock
 from server.domain.errors import RateLimited
-from server.domain.throttle import MemoryWindows, Throttle
+from server.domain.throttle import Throttle
+from server.storage.limits import counter_from_url, parse_limits
 
 async def main() -> None:
-    throttle = Throttle(sys.argv[1], {"p": "10/minute"})
+    counter = counter_from_url(sys.argv[1], clock=SystemClock())
+    throttle = Throttle(counter, {"p": parse_limits("10/minute")})
     passed = 0
     for _ in range(25):
         try:

@@ -10,14 +10,8 @@ import string
 import pytest
 from itsdangerous import Signer
 
-from server.domain.tokens import (
-    MAX_COOKIE_VALUE,
-    SESSION_SALT,
-    CookieSigner,
-    hash_secret,
-    new_public_id,
-    new_secret,
-)
+from server.domain.tokens import hash_secret, new_public_id, new_secret
+from server.rpc.signing import MAX_COOKIE_VALUE, SESSION_SALT, CookieSigner
 
 KEY_A = "key-a-0123456789abcdef0123456789abcdef"
 KEY_B = "key-b-fedcba9876543210fedcba9876543210"
