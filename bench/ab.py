@@ -1,6 +1,6 @@
 """A/B: the hot path on experimental builds (bench/variants.py) against the unchanged app.
 
-Usage: python -m bench.ab [--variants sliding,combined] [--rounds 4] [--seconds 4]
+Usage: python -m bench.ab [--variants no_limits,no_edge] [--rounds 4] [--seconds 4]
 
 Every variant and the bare echo run side by side (server core 0, h2load core 1);
 each round visits them in a shuffled order; the table gives median RPS, the
@@ -30,12 +30,15 @@ from bench.run import (
     prepare_scale,
     server_env,
 )
+from bench.variants import PATCHES
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ab")
     parser.add_argument(
-        "--variants", default="sliding,no_limits,cheap_request_id,signer_cache,no_edge,combined"
+        "--variants",
+        default="no_limits,cheap_request_id,no_edge",
+        help=f"comma-separated, from: {', '.join(n for n in PATCHES if n != 'baseline')}",
     )
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument(
@@ -44,6 +47,9 @@ def main() -> int:
     )
     parser.add_argument("--seconds", type=float, default=4)
     args = parser.parse_args()
+    unknown = [name for name in args.variants.split(",") if name not in PATCHES]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(PATCHES)}")
     procs.NICE = -10 if os.geteuid() == 0 else 0  # as in bench.run: other work yields
     procs.raise_priority()
     os.sched_setaffinity(0, {int(procs.LOAD_CPU)})

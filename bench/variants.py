@@ -10,18 +10,15 @@ unchanged app in interleaved rounds. Nothing here is used by the service.
 - `without_X`: interceptor X replaced by one that does nothing: what X costs.
 - `cheap_request_id`: request ids from a per-process random prefix and a counter
   instead of `secrets.token_hex(8)` (an os.urandom call per request).
-- `signer_cache`: itsdangerous' derived key computed once instead of per call.
 - `no_edge`: without the CORS and security-header middleware (their cost).
 - `no_principal_cache`: every session lookup goes to SQLite (the cache of
   SQLiteStore.find_principal off): what the cache saves.
 - `no_security_headers`: the middleware without its six security headers: what
   handing them to pyvoy costs per response.
-- `combined`: cheap_request_id + signer_cache.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 from collections.abc import Callable
@@ -68,14 +65,6 @@ def _cheap_request_id() -> None:
     setattr(logging_interceptor, "secrets", Ids)  # noqa: B010
 
 
-def _signer_cache() -> None:
-    import itsdangerous.signer
-
-    original = itsdangerous.signer.Signer.derive_key
-    cached = functools.lru_cache(maxsize=16)(original)
-    setattr(itsdangerous.signer.Signer, "derive_key", cached)  # noqa: B010
-
-
 def _no_edge() -> None:
     import server.app as app
 
@@ -113,11 +102,9 @@ PATCHES: dict[str, tuple[Callable[[], None], ...]] = {
         )
     },
     "cheap_request_id": (_cheap_request_id,),
-    "signer_cache": (_signer_cache,),
     "no_edge": (_no_edge,),
     "no_security_headers": (_no_security_headers,),
     "no_principal_cache": (_no_principal_cache,),
-    "combined": (_cheap_request_id, _signer_cache),
 }
 
 
@@ -127,13 +114,8 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(name)
     for patch in PATCHES[name]:
         patch()
-    from server.app import create_app
-    from server.config import load_config
-    from server.ops import logs
-    from server.runtime.receive_fix import ReceiveAfterBodyFix
+    from server.app import app_from_environment
 
-    config = load_config()
-    logs.configure(production=config.production, level=config.log_level)
-    app = ReceiveAfterBodyFix(create_app(config).asgi)
+    app = app_from_environment().asgi
     globals()[name] = app
     return app

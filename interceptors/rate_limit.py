@@ -95,18 +95,16 @@ class PrincipalRateLimit:
         if procedure_of(ctx) in self._public:
             return
         principal = current_principal()
-        try:
-            await self._throttle.hit(
-                PER_SESSION, principal.session.id, what="too many calls from this session"
-            )
-            await self._throttle.hit(
-                PER_USER, principal.user.id, what="too many calls for this user"
-            )
-        except RateLimited:
-            await self._audit.rate_limited(
-                user_id=principal.user.id, origin=origin_of(ctx), reason=procedure_of(ctx)
-            )
-            raise
+        await self._audit.guard(
+            self._hit(principal.session.id, principal.user.id),
+            user_id=principal.user.id,
+            origin=origin_of(ctx),
+            reason=procedure_of(ctx),
+        )
+
+    async def _hit(self, session_id: str, user_id: str) -> None:
+        await self._throttle.hit(PER_SESSION, session_id, what="too many calls from this session")
+        await self._throttle.hit(PER_USER, user_id, what="too many calls for this user")
 
     async def on_end(
         self, token: None, ctx: RequestContext[Any, Any], error: Exception | None

@@ -36,13 +36,14 @@ from interceptors.logging import RequestLogger
 from interceptors.metrics import MetricsRecorder
 from interceptors.rate_limit import NetworkRateLimit, PrincipalRateLimit, ProbeRateLimit
 from interceptors.session import SessionInterceptor
-from server.config import Config
+from server.config import Config, load_config
 from server.domain.accounts import Accounts
 from server.domain.admin import Admin
 from server.domain.audit import Audit
 from server.domain.clock import Clock, SystemClock
 from server.domain.retention import Retention, RetentionPolicy
 from server.domain.sessions import SessionPolicy, Sessions
+from server.domain.signin import SignIns
 from server.domain.throttle import POLICIES, Throttle
 from server.domain.users import Users
 from server.edge.middleware import with_edge
@@ -50,10 +51,10 @@ from server.edge.router import PlainResponse, Route, Router
 from server.identity.certs import CertsSource, HttpCerts, StaticCerts
 from server.identity.dev_issuer import DEV_AUDIENCE, DEV_ISSUER, DevIssuer
 from server.identity.verifier import GOOGLE_ISSUERS, IdTokenVerifier
-from server.ops import telemetry
+from server.ops import logs, telemetry
 from server.ops.jobs import Periodic, backup_job, retention_job
 from server.ops.metrics import Metrics, ScrapeTime
-from server.ops.readiness import Readiness, healthz
+from server.ops.readiness import SHUTDOWN_MARKER_ENV, Readiness, healthz
 from server.rpc.admin import AdminService
 from server.rpc.auth import AuthService
 from server.rpc.codecs import DepthLimitedJSONCodec
@@ -65,6 +66,7 @@ from server.rpc.page_tokens import PageTokens
 from server.rpc.signing import CookieSigner
 from server.rpc.user import UserService
 from server.rpc.user_agent import warm_up
+from server.runtime.receive_fix import ReceiveAfterBodyFix
 from server.storage.files import private_dir
 from server.storage.limits import counter_from_url, parse_limits
 from server.storage.sqlite import SQLiteStore, check_schema
@@ -89,22 +91,56 @@ class SchemaNotReady(Exception):
 
 @dataclass(frozen=True, slots=True)
 class App:
-    """The public ASGI application, the admin one, and parts a caller may need."""
+    """The two ASGI applications pyvoy serves: the public port and the admin listener."""
 
     asgi: ASGIApp
     admin: ASGIApp
-    store: SQLiteStore
-    readiness: Readiness
-    metrics: Metrics
 
 
 def session_keys(config: Config) -> list[str]:
-    """The cookie keys, oldest first. In development without any, a persistent random one."""
+    """The cookie keys, oldest first. In development without any, a persistent random one
+    (production refuses to start without SESSION_SECRET_KEY)."""
     if config.session_secret_key:
         return [key.get_secret_value() for key in config.session_secret_key]
-    if config.production:
-        raise ValueError("SESSION_SECRET_KEY is required in production")
     return [_dev_secret(config.data_dir)]
+
+
+def open_store(config: Config) -> SQLiteStore:
+    """The configured store, refusing a database that needs migrations.
+
+    Raises:
+        SchemaNotReady: The database has pending migrations.
+    """
+    pending = check_schema(config.sqlite_path)
+    if pending:
+        raise SchemaNotReady(
+            f"the database needs migrations ({', '.join(pending)}); run: expense-auth migrate"
+        )
+    return SQLiteStore(config.sqlite_path)
+
+
+def build_retention(config: Config, store: SQLiteStore, clock: Clock) -> Retention:
+    """The retention rules of the configuration, over `store` (the job and `purge`)."""
+    return Retention(
+        store,
+        clock=clock,
+        policy=RetentionPolicy(
+            session_days=config.retention_session_days,
+            audit_days=config.retention_audit_days,
+            full_ip_days=config.retention_full_ip_days,
+            session_idle_ms=config.session_idle_timeout_seconds * 1000,
+        ),
+    )
+
+
+def app_from_environment(*, clock: Clock | None = None) -> App:
+    """The service as `expense-auth serve` runs it: configuration and logging from the
+    environment, and the shutdown marker the serving process named (pyvoy imports this
+    through server/runtime/asgi.py; tests pass their own clock)."""
+    config = load_config()
+    logs.configure(production=config.production, level=config.log_level)
+    marker = os.environ.get(SHUTDOWN_MARKER_ENV)
+    return create_app(config, clock=clock, shutdown_marker=Path(marker) if marker else None)
 
 
 def _dev_secret(data_dir: Path) -> str:
@@ -158,12 +194,7 @@ def create_app(
         SchemaNotReady: The database has pending migrations.
     """
     clock = clock or SystemClock()
-    pending = check_schema(config.sqlite_path)
-    if pending:
-        raise SchemaNotReady(
-            f"the database needs migrations ({', '.join(pending)}); run: expense-auth migrate"
-        )
-    store = SQLiteStore(config.sqlite_path)
+    store = open_store(config)
     keys = session_keys(config)
     policy = SessionPolicy(
         idle_ms=config.session_idle_timeout_seconds * 1000,
@@ -227,23 +258,22 @@ def create_app(
 
     auth = AuthService(
         sessions=sessions,
-        verifier=verifier,
+        sign_ins=SignIns(
+            verifier=verifier, sessions=sessions, throttle=throttle, audit_log=audit_log
+        ),
         cookies=cookies,
         nonces=SignInNonces(
             keys, secure=config.session_secure_cookie, required=config.nonce_required, clock=clock
         ),
         page_tokens=PageTokens(keys, name="ListSessions"),
-        throttle=throttle,
         audit_log=audit_log,
     )
     user = UserService(
         users=Users(store, clock=clock),
-        accounts=Accounts(store, clock=clock, audit_log=audit_log),
+        accounts=Accounts(store, clock=clock, audit_log=audit_log, throttle=throttle),
         verifier=verifier,
         cookies=cookies,
         page_tokens=PageTokens(keys, name="ListSecurityEvents"),
-        throttle=throttle,
-        audit_log=audit_log,
         clock=clock,
     )
     health = HealthService(
@@ -289,26 +319,17 @@ def create_app(
         [AdminServiceASGIApplication(admin_service, interceptors=admin_chain, **limits)],
         get_routes={"/metrics": metrics.endpoint, "/healthz": healthz},
     )
+    # pyvoy's receive() needs the fix on both listeners (see receive_fix.py).
     return App(
-        asgi=with_edge(public, allowed_origins=config.cors_allowed_origin, https=config.https),
-        admin=with_edge(admin, allowed_origins=(), https=False),
-        store=store,
-        readiness=readiness,
-        metrics=metrics,
+        asgi=ReceiveAfterBodyFix(
+            with_edge(public, allowed_origins=config.cors_allowed_origin, https=config.https)
+        ),
+        admin=ReceiveAfterBodyFix(with_edge(admin, allowed_origins=(), https=False)),
     )
 
 
 def _jobs(config: Config, store: SQLiteStore, clock: Clock) -> list[Periodic]:
-    retention = Retention(
-        store,
-        clock=clock,
-        policy=RetentionPolicy(
-            session_days=config.retention_session_days,
-            audit_days=config.retention_audit_days,
-            full_ip_days=config.retention_full_ip_days,
-            session_idle_ms=config.session_idle_timeout_seconds * 1000,
-        ),
-    )
+    retention = build_retention(config, store, clock)
     jobs = [retention_job(retention, interval_s=config.retention_interval_seconds)]
     if config.backup_dir is not None:
         jobs.append(

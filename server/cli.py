@@ -12,13 +12,12 @@ from pathlib import Path
 
 from server.config import Config, ConfigError, load_config
 from server.domain.clock import SystemClock
-from server.domain.retention import Retention, RetentionPolicy
 from server.identity.dev_issuer import DEV_AUDIENCE, DevIssuer
 from server.ops import logs
 from server.ops.readiness import SHUTDOWN_MARKER_ENV
 from server.storage.backup import BackupError, backup, restore
 from server.storage.files import UMASK, open_to_others, private_dir, tighten_database
-from server.storage.sqlite import SchemaTooNew, SQLiteStore, check_schema, migrate
+from server.storage.sqlite import SchemaTooNew, check_schema, migrate
 
 log = logging.getLogger("expense_auth.cli")
 
@@ -105,18 +104,15 @@ def _dev_token(config: Config, args: argparse.Namespace) -> int:
 
 
 def _purge(config: Config) -> int:
-    if check_schema(config.sqlite_path):
+    from server.app import SchemaNotReady, build_retention, open_store
+
+    try:
+        store = open_store(config)
+    except SchemaNotReady:
         print("expense-auth: run `expense-auth migrate` first", file=sys.stderr)
         return 2
-    store = SQLiteStore(config.sqlite_path)
-    policy = RetentionPolicy(
-        session_days=config.retention_session_days,
-        audit_days=config.retention_audit_days,
-        full_ip_days=config.retention_full_ip_days,
-        session_idle_ms=config.session_idle_timeout_seconds * 1000,
-    )
     try:
-        counts = asyncio.run(Retention(store, clock=SystemClock(), policy=policy).run())
+        counts = asyncio.run(build_retention(config, store, SystemClock()).run())
     finally:
         store.close()
     print(" ".join(f"{kind}={count}" for kind, count in counts.items()))

@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-from server.domain import audit
+from server.domain import audit, paging
 from server.domain.audit import Audit, Origin
 from server.domain.clock import Clock
-from server.domain.errors import InvalidArgument, NotFound, PermissionDenied
+from server.domain.errors import NotFound, PermissionDenied
 from server.domain.models import AuditEvent, Identity, Principal, UserExport
 from server.domain.ports import AccountStore
+from server.domain.throttle import EXPORT_PER_USER, Throttle
 
 REAUTH_MAX_AGE_MS = 5 * 60_000
-MAX_PAGE_SIZE = 100
-DEFAULT_PAGE_SIZE = 50
 
 
 class Accounts:
     """Self-service operations on the caller's account."""
 
-    def __init__(self, store: AccountStore, *, clock: Clock, audit_log: Audit) -> None:
+    def __init__(
+        self, store: AccountStore, *, clock: Clock, audit_log: Audit, throttle: Throttle
+    ) -> None:
         self._store = store
         self._clock = clock
         self._audit = audit_log
+        self._throttle = throttle
 
     async def delete(self, principal: Principal, identity: Identity) -> None:
         """Delete the caller, given a fresh re-authentication for the same account.
@@ -51,7 +53,18 @@ class Accounts:
             raise NotFound("the signed-in user no longer exists")
 
     async def export(self, principal: Principal, origin: Origin) -> UserExport:
-        """Everything stored about the caller (the export itself is recorded first)."""
+        """Everything stored about the caller (the export itself is recorded first).
+
+        Raises:
+            RateLimited: Too many exports for this user lately (recorded on their history).
+        """
+        user_id = principal.user.id
+        await self._audit.guard(
+            self._throttle.hit(EXPORT_PER_USER, user_id, what="too many data exports"),
+            user_id=user_id,
+            origin=origin,
+            reason="export",
+        )
         await self._audit.record(
             audit.DATA_EXPORTED,
             user_id=principal.user.id,
@@ -67,11 +80,7 @@ class Accounts:
         self, principal: Principal, *, page_size: int, before_id: int | None
     ) -> tuple[list[AuditEvent], int | None]:
         """One page of the caller's security events, newest first, and the next cursor."""
-        if page_size < 0 or page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                "page_size", f"page_size must be between 0 and {MAX_PAGE_SIZE}, got {page_size}"
-            )
-        size = page_size or DEFAULT_PAGE_SIZE
+        size = paging.page_size(page_size)
         rows = await self._store.list_events(principal.user.id, before_id=before_id, limit=size + 1)
-        page = rows[:size]
-        return page, (page[-1].id if len(rows) > size else None)
+        page, last = paging.split_page(rows, size)
+        return page, None if last is None else last.id

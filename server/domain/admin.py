@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from server.domain import audit
+from server.domain import audit, paging
 from server.domain.audit import Audit, Origin
 from server.domain.clock import Clock
-from server.domain.errors import InvalidArgument, NotFound
+from server.domain.errors import NotFound
 from server.domain.models import User
 from server.domain.ports import AdminStore
 from server.domain.sessions import SessionPolicy
-
-MAX_PAGE_SIZE = 100
-DEFAULT_PAGE_SIZE = 50
 
 
 class Admin:
@@ -33,16 +30,12 @@ class Admin:
         self, *, email_contains: str, page_size: int, after_id: str | None
     ) -> tuple[list[User], str | None]:
         """One page of users ordered by id, and the id to continue after."""
-        if page_size < 0 or page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                "page_size", f"page_size must be between 0 and {MAX_PAGE_SIZE}, got {page_size}"
-            )
-        size = page_size or DEFAULT_PAGE_SIZE
+        size = paging.page_size(page_size)
         rows = await self._store.list_users(
             email_contains=email_contains.strip(), after_id=after_id, limit=size + 1
         )
-        page = rows[:size]
-        return page, (page[-1].id if len(rows) > size else None)
+        page, last = paging.split_page(rows, size)
+        return page, None if last is None else last.id
 
     async def get_user(self, user_id: str) -> User:
         """One user by id."""

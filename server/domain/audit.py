@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from server.domain.clock import Clock
+from server.domain.errors import RateLimited
 from server.domain.models import AuditEvent
 from server.domain.ports import AuditStore
 
@@ -71,6 +73,20 @@ class Audit:
             ip=origin.ip,
             user_agent=origin.user_agent,
         )
+
+    async def guard(
+        self, limit: Awaitable[None], *, user_id: str, origin: Origin, reason: str
+    ) -> None:
+        """Await a rate-limit check; when it refuses, record that on the user's history.
+
+        Raises:
+            RateLimited: The check's refusal, after it is recorded.
+        """
+        try:
+            await limit
+        except RateLimited:
+            await self.rate_limited(user_id=user_id, origin=origin, reason=reason)
+            raise
 
     async def rate_limited(self, *, user_id: str, origin: Origin, reason: str) -> None:
         """Record a refusal by a rate limit, at most once a minute per user."""

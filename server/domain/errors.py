@@ -17,11 +17,16 @@ class DomainError(Exception):
 
     Attributes:
         message: A sentence for the client. It may quote the bad value, never internals.
+        reason: A short machine-readable reason for logs and the audit log, such as
+            `expired`; by default the error's kind (`permission_denied`).
     """
 
-    def __init__(self, message: str) -> None:
+    default_reason = "error"
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
         super().__init__(message)
         self.message = message
+        self.reason = reason or self.default_reason
 
 
 class InvalidArgument(DomainError):
@@ -30,6 +35,8 @@ class InvalidArgument(DomainError):
     Attributes:
         field: The request field, as a proto field path such as `user.time_zone`.
     """
+
+    default_reason = "invalid_argument"
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
@@ -44,8 +51,7 @@ class Unauthenticated(DomainError):
     """
 
     def __init__(self, message: str, *, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+        super().__init__(message, reason=reason)
 
 
 class InvalidIdToken(Unauthenticated):
@@ -54,6 +60,8 @@ class InvalidIdToken(Unauthenticated):
 
 class PermissionDenied(DomainError):
     """The caller is known but not allowed to do this."""
+
+    default_reason = "permission_denied"
 
 
 class EmailNotVerified(PermissionDenied):
@@ -64,21 +72,26 @@ class EmailNotVerified(PermissionDenied):
     """
 
     def __init__(self, message: str, *, identity: Identity) -> None:
-        super().__init__(message)
+        super().__init__(message, reason="email_not_verified")
         self.identity = identity
-        self.reason = "email_not_verified"
 
 
 class NotFound(DomainError):
     """The named thing does not exist, or is not the caller's to see."""
 
+    default_reason = "not_found"
+
 
 class Unavailable(DomainError):
     """A dependency is down; the client may retry later."""
 
+    default_reason = "unavailable"
+
 
 class RateLimited(DomainError):
     """The caller sent too many requests; they may retry after `retry_after_s`."""
+
+    default_reason = "rate_limited"
 
     def __init__(self, message: str, *, retry_after_s: int) -> None:
         super().__init__(message)

@@ -10,6 +10,7 @@ import functools
 import importlib.resources
 import re
 import unicodedata
+from collections.abc import Callable
 
 import babel
 import babel.numbers
@@ -19,7 +20,6 @@ from server.domain.errors import InvalidArgument
 MAX_DISPLAY_NAME = 100
 # language[-script][-region][-variant]...; POSIX forms such as `de_DE@euro` are not tags.
 _BCP47_SHAPE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8}){0,4}")
-EDITABLE_FIELDS = ("display_name", "currency_code", "time_zone", "locale")
 
 
 @functools.cache
@@ -87,22 +87,39 @@ def clean_locale(value: str, *, field: str = "locale") -> str:
     return str(parsed).replace("_", "-")
 
 
+# The editable profile fields and their rules: the one list every layer derives from.
+CLEANERS: dict[str, Callable[..., str]] = {
+    "display_name": clean_display_name,
+    "currency_code": clean_currency_code,
+    "time_zone": clean_time_zone,
+    "locale": clean_locale,
+}
+EDITABLE_FIELDS = tuple(CLEANERS)
+
+
+def not_editable(name: str) -> InvalidArgument:
+    """The error for an update mask naming a field that cannot change."""
+    return InvalidArgument(
+        "update_mask",
+        f"update_mask names {name[:60]!r}, which cannot be changed; "
+        f"allowed: {', '.join(EDITABLE_FIELDS)}",
+    )
+
+
+def nothing_to_update() -> InvalidArgument:
+    """The error for an update mask naming no field."""
+    *first, last = EDITABLE_FIELDS
+    return InvalidArgument(
+        "update_mask", f"update_mask must name at least one field: {', '.join(first)} or {last}"
+    )
+
+
 def clean_changes(changes: dict[str, str], *, prefix: str = "user.") -> dict[str, str]:
     """Validate a set of field changes; error fields are named with `prefix`."""
-    cleaners = {
-        "display_name": clean_display_name,
-        "currency_code": clean_currency_code,
-        "time_zone": clean_time_zone,
-        "locale": clean_locale,
-    }
     cleaned: dict[str, str] = {}
     for name, value in changes.items():
-        cleaner = cleaners.get(name)
+        cleaner = CLEANERS.get(name)
         if cleaner is None:
-            raise InvalidArgument(
-                "update_mask",
-                f"update_mask names {name!r}, which cannot be changed; "
-                f"allowed: {', '.join(EDITABLE_FIELDS)}",
-            )
+            raise not_editable(name)
         cleaned[name] = cleaner(value, field=prefix + name)
     return cleaned

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TypedDict
 
+from server.domain import paging
 from server.domain.clock import Clock
 from server.domain.errors import InvalidArgument, NotFound, Unauthenticated
 from server.domain.models import (
@@ -24,8 +25,6 @@ from server.domain.models import (
 from server.domain.ports import SessionStore, UserDefaults
 from server.domain.tokens import hash_secret, new_public_id, new_secret
 
-MAX_PAGE_SIZE = 100
-DEFAULT_PAGE_SIZE = 50
 MAX_USER_AGENT = 64
 MAX_TOUCH_INTERVAL_MS = 60_000
 
@@ -205,17 +204,11 @@ class Sessions:
         self, principal: Principal, *, page_size: int, after: SessionCursor | None
     ) -> tuple[list[Session], SessionCursor | None]:
         """One page of the caller's live sessions, newest first, and the next cursor."""
-        if page_size < 0 or page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                "page_size", f"page_size must be between 0 and {MAX_PAGE_SIZE}, got {page_size}"
-            )
-        size = page_size or DEFAULT_PAGE_SIZE
+        size = paging.page_size(page_size)
         rows = await self._store.list_live_sessions(
             principal.user.id, after=after, limit=size + 1, **self._live_window()
         )
-        page = rows[:size]
-        next_cursor = None
-        if len(rows) > size:
-            last = page[-1]
-            next_cursor = SessionCursor(create_ms=last.create_ms, session_id=last.id)
-        return page, next_cursor
+        page, last = paging.split_page(rows, size)
+        if last is None:
+            return page, None
+        return page, SessionCursor(create_ms=last.create_ms, session_id=last.id)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from server.domain.clock import Clock
-from server.domain.errors import InvalidArgument, NotFound
+from server.domain.errors import NotFound
 from server.domain.models import Principal, User
 from server.domain.ports import ProfileStore
-from server.domain.preferences import clean_changes
+from server.domain.preferences import clean_changes, nothing_to_update
 
 
 class Users:
@@ -23,11 +23,7 @@ class Users:
             InvalidArgument: No field named, a field that cannot change, or a bad value.
         """
         if not changes:
-            raise InvalidArgument(
-                "update_mask",
-                "update_mask must name at least one field: display_name, currency_code, "
-                "time_zone or locale",
-            )
+            raise nothing_to_update()
         cleaned = clean_changes(changes)
         user = await self._store.update_user(
             principal.user.id, cleaned, now_ms=self._clock.now_ms()

@@ -21,24 +21,10 @@ from gen.expense.auth.v1.auth_pb import (
     SignOutRequest,
     SignOutResponse,
 )
-from server.domain.audit import (
-    SESSION_REVOKED,
-    SIGN_IN,
-    SIGN_IN_FAILED,
-    SIGN_OUT,
-    Audit,
-    Origin,
-)
-from server.domain.errors import DomainError, EmailNotVerified, RateLimited, Unauthenticated
-from server.domain.models import Identity
-from server.domain.ports import IdentityVerifier
+from server.domain.audit import SESSION_REVOKED, SIGN_OUT, Audit
+from server.domain.models import Identity, SingleUse
 from server.domain.sessions import Sessions
-from server.domain.throttle import (
-    FAILED_SIGNIN_PER_IP,
-    FAILED_SIGNIN_PER_SUBJECT,
-    SIGNIN_PER_SUBJECT,
-    Throttle,
-)
+from server.domain.signin import SignIns
 from server.rpc import convert
 from server.rpc.context import client_network, current_principal, origin_of
 from server.rpc.cookies import SessionCookies
@@ -58,19 +44,17 @@ class AuthService(auth_connect.AuthService):
         self,
         *,
         sessions: Sessions,
-        verifier: IdentityVerifier,
+        sign_ins: SignIns,
         cookies: SessionCookies,
         nonces: SignInNonces,
         page_tokens: PageTokens,
-        throttle: Throttle,
         audit_log: Audit,
     ) -> None:
         self._sessions = sessions
-        self._verifier = verifier
+        self._sign_ins = sign_ins
         self._cookies = cookies
         self._nonces = nonces
         self._page_tokens = page_tokens
-        self._throttle = throttle
         self._audit = audit_log
 
     async def create_sign_in_nonce(
@@ -86,82 +70,30 @@ class AuthService(auth_connect.AuthService):
     async def sign_in(
         self, request: SignInRequest, ctx: RequestContext[SignInRequest, SignInResponse]
     ) -> SignInResponse:
-        """Verify the token and start a new session (never reuse the caller's).
+        """Verify the token and start a new session (never reuse the caller's)."""
+        cookies = ctx.request_headers.getall("cookie")
+        nonce_spent = False
 
-        Failed attempts are limited per client network and, once the token names
-        an account, per account. Only failures count and only failures are
-        refused: a valid sign-in passes whatever strangers behind the same address
-        did, so nobody can lock an office out by sending bad tokens from it.
-        """
-        origin = origin_of(ctx)
-        try:
-            identity = await self._verifier.verify(request.google_id_token)
-        except Unauthenticated as exc:
-            # No account is known yet: an event for operators, shown to no user.
-            await self._audit.record(SIGN_IN_FAILED, user_id=None, origin=origin, reason=exc.reason)
-            await self._failed(None)
-            raise
-        except EmailNotVerified as exc:
-            # The token is genuine, so the refusal belongs to that account's history.
-            await self._sign_in_refused(exc.identity, origin, exc)
-            await self._failed(exc.identity)
-            raise
-        try:
-            nonce = self._nonces.check(identity.nonce, ctx.request_headers.getall("cookie"))
-            await self._throttle.hit(
-                SIGNIN_PER_SUBJECT,
-                identity.subject_hash,
-                what="too many sign-ins for this account",
-            )
-            created = await self._sessions.sign_in(
-                identity,
-                user_agent=origin.user_agent,
-                event=self._audit.event(SIGN_IN, user_id=None, origin=origin),
-                nonce=nonce,
-            )
-        except DomainError as exc:
-            await self._sign_in_refused(identity, origin, exc)
-            if not isinstance(exc, RateLimited):
-                await self._failed(identity)
-            raise
+        def check_nonce(identity: Identity) -> SingleUse | None:
+            nonlocal nonce_spent
+            nonce = self._nonces.check(identity.nonce, cookies)
+            nonce_spent = nonce is not None
+            return nonce
+
+        created = await self._sign_ins.sign_in(
+            request.google_id_token,
+            origin=origin_of(ctx),
+            network=client_network(),
+            check_nonce=check_nonce,
+        )
         ctx.response_headers.add("set-cookie", self._cookies.issue(created.secret))
-        if nonce is not None:
+        if nonce_spent:
             ctx.response_headers.add("set-cookie", self._nonces.expire())
         return SignInResponse(
             user=convert.user(created.user),
             session=convert.session(
                 created.session, policy=self._sessions.policy, current_id=created.session.id
             ),
-        )
-
-    async def _failed(self, identity: Identity | None) -> None:
-        """Count a failed sign-in; past a budget, refuse it as `resource_exhausted`.
-
-        Raises:
-            RateLimited: The network (or the account) has failed too often lately.
-        """
-        await self._throttle.hit(
-            FAILED_SIGNIN_PER_IP,
-            client_network(),
-            what="too many failed sign-ins from your network",
-        )
-        if identity is not None:
-            await self._throttle.hit(
-                FAILED_SIGNIN_PER_SUBJECT,
-                identity.subject_hash,
-                what="too many failed sign-ins for this account",
-            )
-
-    async def _sign_in_refused(self, identity: Identity, origin: Origin, exc: DomainError) -> None:
-        """Record a refused sign-in in the history of the account it was for, if any."""
-        user = await self._sessions.user_for(identity)
-        if isinstance(exc, RateLimited):
-            if user is not None:
-                await self._audit.rate_limited(user_id=user.id, origin=origin, reason="sign_in")
-            return
-        reason = getattr(exc, "reason", type(exc).__name__.lower())
-        await self._audit.record(
-            SIGN_IN_FAILED, user_id=None if user is None else user.id, origin=origin, reason=reason
         )
 
     async def get_session(

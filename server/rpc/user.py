@@ -18,12 +18,10 @@ from gen.expense.user.v1.user_pb import (
     UpdateCurrentUserResponse,
 )
 from server.domain.accounts import Accounts
-from server.domain.audit import Audit
 from server.domain.clock import Clock
-from server.domain.errors import InvalidArgument, RateLimited
+from server.domain.errors import InvalidArgument
 from server.domain.ports import IdentityVerifier
-from server.domain.preferences import EDITABLE_FIELDS
-from server.domain.throttle import EXPORT_PER_USER, Throttle
+from server.domain.preferences import EDITABLE_FIELDS, not_editable
 from server.domain.users import Users
 from server.rpc import convert
 from server.rpc.auth import CLEAR_SITE_DATA
@@ -43,8 +41,6 @@ class UserService(user_connect.UserService):
         verifier: IdentityVerifier,
         cookies: SessionCookies,
         page_tokens: PageTokens,
-        throttle: Throttle,
-        audit_log: Audit,
         clock: Clock,
     ) -> None:
         self._users = users
@@ -52,8 +48,6 @@ class UserService(user_connect.UserService):
         self._verifier = verifier
         self._cookies = cookies
         self._page_tokens = page_tokens
-        self._throttle = throttle
-        self._audit = audit_log
         self._clock = clock
 
     async def get_current_user(
@@ -76,11 +70,7 @@ class UserService(user_connect.UserService):
         changes: dict[str, str] = {}
         for path in paths:
             if path not in EDITABLE_FIELDS:
-                raise InvalidArgument(
-                    "update_mask",
-                    f"update_mask names {path[:60]!r}, which cannot be changed; "
-                    f"allowed: {', '.join(EDITABLE_FIELDS)}",
-                )
+                raise not_editable(path)
             assert request.user is not None
             changes[path] = getattr(request.user, path)
         updated = await self._users.update(current_principal(), changes)
@@ -104,18 +94,7 @@ class UserService(user_connect.UserService):
         ctx: RequestContext[ExportCurrentUserDataRequest, ExportCurrentUserDataResponse],
     ) -> ExportCurrentUserDataResponse:
         """Everything stored about the caller."""
-        principal = current_principal()
-        origin = origin_of(ctx)
-        try:
-            await self._throttle.hit(
-                EXPORT_PER_USER, principal.user.id, what="too many data exports"
-            )
-        except RateLimited:
-            await self._audit.rate_limited(
-                user_id=principal.user.id, origin=origin, reason="export"
-            )
-            raise
-        exported = await self._accounts.export(principal, origin)
+        exported = await self._accounts.export(current_principal(), origin_of(ctx))
         return convert.export(exported, now_ms=self._clock.now_ms())
 
     async def list_security_events(

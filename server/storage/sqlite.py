@@ -33,6 +33,7 @@ from server.domain.models import (
     UserExport,
 )
 from server.domain.ports import UserDefaults
+from server.domain.preferences import EDITABLE_FIELDS
 from server.storage.files import private_file
 from server.storage.migrations import migrations
 
@@ -49,7 +50,7 @@ _SESSION_COLUMNS = (
 )
 # A live session: parameters (now_ms, idle_cutoff_ms). One definition for every query.
 _LIVE = "revoke_ms IS NULL AND expire_ms > ? AND last_seen_ms > ?"
-_UPDATABLE = frozenset({"display_name", "currency_code", "time_zone", "locale"})
+_UPDATABLE = frozenset(EDITABLE_FIELDS)
 
 
 def shorten_ip(ip: str) -> str:
@@ -629,10 +630,6 @@ class SQLiteStore:
                 [(shorten_ip(ip), event_id) for event_id, ip in rows],
             )
         return {"sessions": sessions, "events": events, "tokens": tokens, "ips": len(rows)}
-
-    def deleted_accounts(self) -> list[tuple[str, int]]:
-        """The deletion log: (subject hash, deletion time)."""
-        return list(self._conn.execute("SELECT subject_hash, deleted_ms FROM deleted_accounts"))
 
     def _claim_token(self, conn: sqlite3.Connection, identity: Identity, now_ms: int) -> None:
         if not identity.token_hash:
