@@ -186,9 +186,9 @@ def sign_in_proto(token: str) -> bytes:
 
 
 def _schema_version() -> str:
-    from server.storage.migrations import migrations
+    from server.storage.sqlite.connection import known_migrations
 
-    return "-".join(m.name[:4] for m in migrations._migrations)
+    return "-".join(name[:4] for name in known_migrations())
 
 
 def prepare_scale(users: int, dest: Path, env: dict[str, str]) -> str:

@@ -78,12 +78,13 @@ def _no_security_headers() -> None:
 
 
 def _no_principal_cache() -> None:
-    from server.storage import sqlite
+    from server.storage.sqlite import store
+    from server.storage.sqlite.principals import PrincipalCache
 
     def fresh(self: Any, conn: Any) -> Any:
-        return sqlite._PrincipalCache(0)
+        return PrincipalCache(0)
 
-    setattr(sqlite.SQLiteStore, "_principals", fresh)  # noqa: B010
+    setattr(store.SQLiteStore, "_principals", fresh)  # noqa: B010
 
 
 PATCHES: dict[str, tuple[Callable[[], None], ...]] = {

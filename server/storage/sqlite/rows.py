@@ -1,0 +1,95 @@
+"""Rows of the SQLite schema as domain records, and the pieces every query shares."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from server.domain.models import AuditEvent, Session, SingleUse, User
+
+USER_INSERT_COLUMNS = (
+    "id, issuer, subject, email, email_verified, display_name, picture_uri, "
+    "currency_code, time_zone, locale, create_ms, update_ms"
+)
+USER_COLUMNS = USER_INSERT_COLUMNS + ", disabled_ms"
+EVENT_COLUMNS = "id, time_ms, kind, user_id, reason, session_id, ip, user_agent, subject_hash"
+SESSION_COLUMNS = (
+    "id, user_id, token_hash, create_ms, last_seen_ms, expire_ms, revoke_ms, user_agent"
+)
+# A live session: parameters (now_ms, idle_cutoff_ms). One definition for every query.
+LIVE = "revoke_ms IS NULL AND expire_ms > ? AND last_seen_ms > ?"
+
+
+def user(row: tuple[Any, ...]) -> User:
+    """A `users` row (USER_COLUMNS) as a User."""
+    return User(
+        id=row[0],
+        issuer=row[1],
+        subject=row[2],
+        email=row[3],
+        email_verified=bool(row[4]),
+        display_name=row[5],
+        picture_uri=row[6],
+        currency_code=row[7],
+        time_zone=row[8],
+        locale=row[9],
+        create_ms=row[10],
+        update_ms=row[11],
+        disabled_ms=row[12],
+    )
+
+
+def event(row: tuple[Any, ...]) -> AuditEvent:
+    """An `audit_events` row (EVENT_COLUMNS) as an AuditEvent."""
+    return AuditEvent(
+        id=row[0],
+        time_ms=row[1],
+        kind=row[2],
+        user_id=row[3],
+        reason=row[4],
+        session_id=row[5],
+        ip=row[6],
+        user_agent=row[7],
+        subject_hash=row[8],
+    )
+
+
+def session(row: tuple[Any, ...]) -> Session:
+    """A `sessions` row (SESSION_COLUMNS) as a Session."""
+    return Session(
+        id=row[0],
+        user_id=row[1],
+        token_hash=row[2],
+        create_ms=row[3],
+        last_seen_ms=row[4],
+        expire_ms=row[5],
+        revoke_ms=row[6],
+        user_agent=row[7],
+    )
+
+
+def insert_event(conn: sqlite3.Connection, record: AuditEvent) -> None:
+    """Append an audit event (its id is assigned by the database)."""
+    conn.execute(
+        "INSERT INTO audit_events (time_ms, kind, user_id, reason, session_id, ip, "
+        "user_agent, subject_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            record.time_ms,
+            record.kind,
+            record.user_id,
+            record.reason,
+            record.session_id,
+            record.ip,
+            record.user_agent,
+            record.subject_hash,
+        ),
+    )
+
+
+def spend(conn: sqlite3.Connection, once: SingleUse) -> bool:
+    """Record a single-use value; False when it was recorded before."""
+    claimed: int = conn.execute(
+        "INSERT INTO used_id_tokens (token_hash, expire_ms) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        (once.key, once.expire_ms),
+    ).rowcount
+    return claimed == 1
