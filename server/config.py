@@ -31,7 +31,7 @@ from pydantic import (
 
 def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     # Validated here rather than with pydantic's IPvAnyNetwork, whose module
-    # costs the server ~2.5 MB of memory for this one setting.
+    # costs the server memory for this one setting (docs/benchmarks.md).
     if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
         return value
     try:

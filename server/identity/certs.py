@@ -81,8 +81,8 @@ class HttpCerts:
         self._last_fetch_ms: int | None = None
         self._failed_until_ms = 0
         self._lock = asyncio.Lock()
-        # google-auth's urllib3 transport: the requests stack would cost ~5 MB
-        # of memory for one GET every few hours.
+        # google-auth's urllib3 transport: the requests stack would cost memory
+        # for one GET every few hours (docs/benchmarks.md).
         self._request = google.auth.transport.urllib3.Request(urllib3.PoolManager(retries=False))
         self.fetch_count = 0
 

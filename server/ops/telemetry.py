@@ -2,12 +2,13 @@
 
 Off by default, at zero cost: without OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER
 or OTEL_EXPORTER_OTLP_ENDPOINT (or with OTEL_SDK_DISABLED=true) no SDK is set up
-and no interceptor is added (an unconfigured connectrpc-otel interceptor still
-costs ~30 us a call). When on, `connectrpc-otel` records a span per call
+and no interceptor is added (an unconfigured connectrpc-otel interceptor would
+still cost time on every call). When on, `connectrpc-otel` records a span per call
 (propagating W3C trace context) and the `rpc.server.call.duration` histogram.
 Exporters: `otlp` (the default; endpoint, headers and protocol from the usual
 OTEL_EXPORTER_OTLP_* variables) or `console`, or `none`. The SDK is imported only
-when telemetry is on (it would hold ~1.5 MB in every server otherwise).
+when telemetry is on, so that servers without it do not hold it in memory
+(figures in docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ Parsing uses ua-parser (the maintained uap-core rules); only the summary is
 stored, never the full header. The parser has the browser and OS rules only (a
 summary never reads the 633 device rules) on Python's `re`, behind the
 library's own S3-FIFO cache of 2,000 strings, which is how ua-parser itself
-builds its default parser. Measured: ~1.6 MB for the compiled rules, ~0.4 ms
-for a string not in the cache, a few microseconds for one in it. Browsers send
-few distinct strings (Chrome and Edge reduce theirs to the major version), so
-nearly every sign-in hits the cache. The Rust engine (`ua-parser[regex]`)
-parses a new string in ~18 us but holds ~12 MB of compiled rules for it.
+builds its default parser. That trades a slower parse of a string not seen
+before for far less memory than the Rust engine (`ua-parser[regex]`) holds;
+browsers send few distinct strings (Chrome and Edge reduce theirs to the major
+version), so nearly every sign-in hits the cache. The figures are in
+docs/benchmarks.md ("What changed, and what each change bought").
 """
 
 from __future__ import annotations
