@@ -82,7 +82,10 @@ class Readiness:
         """Each check's result: "ok" or what is wrong."""
         shutdown = {"shutdown": "draining" if self.draining else "ok"}
         cached = self._cached
-        if cached is not None and self._clock.monotonic_ms() - cached[0] < self._max_age_s * 1000:
+        if (
+            cached is not None
+            and 0 <= self._clock.monotonic_ms() - cached[0] < self._max_age_s * 1000
+        ):
             return shutdown | cached[1]
         if self._computing is None:
             self._computing = asyncio.get_running_loop().create_task(self._compute())

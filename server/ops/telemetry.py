@@ -13,9 +13,12 @@ when telemetry is on, so that servers without it do not hold it in memory
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
+
+log = logging.getLogger("expense_auth.telemetry")
 
 if TYPE_CHECKING:
     from connectrpc_otel import OpenTelemetryInterceptor
@@ -67,7 +70,9 @@ def interceptor(environ: Mapping[str, str] | None = None) -> OpenTelemetryInterc
     """The telemetry interceptor with its SDK set up, or None when telemetry is off."""
     env = os.environ if environ is None else environ
     if not enabled(env):
+        log.info("telemetry off", extra={"telemetry": "off"})
         return None
+    log.info("telemetry on", extra={"telemetry": "on"})
     from connectrpc_otel import OpenTelemetryInterceptor
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import secrets
 import subprocess
 import sys
 import time
@@ -243,8 +244,14 @@ def test_many_calls_on_one_channel_leave_no_traceback(
     ]
     assert {future.result(timeout=TIMEOUT_S).user.id for future in futures} == {signed_in.user.id}
 
-    # A traceback logged by a callback after the calls returned must be caught too.
-    time.sleep(0.2)
+    # A traceback logged by a callback after the calls returned must be caught too: one
+    # more call, and its log line, come after everything the earlier calls scheduled.
+    marker = f"marker-{secrets.token_hex(6)}"
+    auth.GetSession(get_session, metadata=[*metadata, ("x-request-id", marker)], timeout=TIMEOUT_S)
+    deadline = time.monotonic() + TIMEOUT_S
+    while f"request_id={marker}" not in server.logs():
+        assert time.monotonic() < deadline, "the marker call was never logged"
+        time.sleep(0.02)
     logs = server.logs()[log_start:]
     assert logs.count("AuthService/GetSession") >= 100
     assert "Traceback" not in logs

@@ -44,8 +44,9 @@ SECURITY_HEADERS = {
 
 @pytest.fixture(scope="module")
 def clock(tmp_path_factory: pytest.TempPathFactory) -> FileClock:
-    """The metered server's clock: the real time until a test sets it."""
-    return FileClock(tmp_path_factory.mktemp("metered-clock") / "now")
+    """The metered server's clock, stopped at the start of every rate-limit window (so
+    that the export limit's count is exact) until a test moves it."""
+    return FileClock(tmp_path_factory.mktemp("metered-clock") / "now").freeze()
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,14 @@ def metered(
     )
     yield running
     assert running.stop() == 0, running.logs()
+
+
+def wait_for_log(server: RunningServer, fragment: str, *, timeout_s: float = 10) -> None:
+    """Wait until the server has logged `fragment`."""
+    deadline = time.monotonic() + timeout_s
+    while fragment not in server.logs():
+        assert time.monotonic() < deadline, f"{fragment!r} never logged:\n{server.logs()[-2000:]}"
+        time.sleep(0.02)
 
 
 def closed_port() -> int:
@@ -434,6 +443,7 @@ def test_spans_and_the_duration_metric_are_exported(
 
     # Neither the ID token nor the session cookie ends up in spans, metrics or logs.
     logs = traced.logs()
+    assert "telemetry on" in logs
     assert token not in logs
     assert all(value not in logs for value in device.jar.values())
 
@@ -443,9 +453,11 @@ def test_nothing_is_exported_without_otel_variables(
 ) -> None:
     device = sign_in(metered, google)
     device.call(device.auth.get_session, GetSessionRequest())
-    time.sleep(1)  # more than the export interval the traced server needs
+    wait_for_log(metered, "AuthService/GetSession")
 
     assert "OTEL" not in " ".join(metered.env)
+    # No SDK was set up: nothing could export later either.
+    assert "telemetry off" in metered.logs() and "telemetry on" not in metered.logs()
     assert exported(metered) == []
     logs = metered.logs()
     assert "trace_id" not in logs

@@ -31,6 +31,7 @@ from gen.expense.user.v1.user_pb import (
 from server.domain.models import subject_hash
 from tests.conftest import server_env
 from tests.support.client import Session, code_of
+from tests.support.clock import FileClock
 from tests.support.google import ISSUER, FakeGoogle
 from tests.support.http import Response, connect_post
 from tests.support.server import RunningServer, start_server
@@ -269,7 +270,12 @@ def export_limited(
 ) -> Iterator[RunningServer]:
     """A server that allows two exports per user and hour."""
     tmp = tmp_path_factory.mktemp("export-limited")
-    running = start_server(tmp, server_env(google, RATE_LIMIT_EXPORT_PER_USER="2/hour"))
+    running = start_server(
+        tmp,
+        server_env(google, RATE_LIMIT_EXPORT_PER_USER="2/hour"),
+        # Stopped at the start of the hour's window: the count cannot straddle its edge.
+        clock=FileClock(tmp / "now").freeze(),
+    )
     yield running
     assert running.stop() == 0, running.logs()
 

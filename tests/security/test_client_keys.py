@@ -21,6 +21,7 @@ from connectrpc.errors import ConnectError
 from gen.expense.auth.v1.auth_pb import GetSessionRequest, SignInRequest, SignOutRequest
 from tests.conftest import server_env
 from tests.support.client import Session
+from tests.support.clock import FileClock
 from tests.support.google import FakeGoogle
 from tests.support.http import Response, connect_post
 from tests.support.server import RunningServer, start_server
@@ -42,6 +43,8 @@ def keyed(tmp_path_factory: pytest.TempPathFactory, google: FakeGoogle) -> Itera
             RATE_LIMIT_FAILED_SIGNIN_PER_IP="3/minute",
             RATE_LIMIT_FAILED_SIGNIN_PER_SUBJECT="2/minute",
         ),
+        # Stopped at the start of every window: counts are exact, whatever the real time.
+        clock=FileClock(tmp_path_factory.mktemp("keyed-clock") / "now").freeze(),
     )
     yield running
     assert running.stop() == 0, running.logs()

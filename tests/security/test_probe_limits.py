@@ -31,6 +31,7 @@ from server.rpc.health import MAX_WATCH_STREAMS, MAX_WATCH_STREAMS_PER_CLIENT
 from server.runtime.serve import MAX_CONCURRENT_STREAMS
 from tests.conftest import require_tool, server_env
 from tests.support.client import code_of
+from tests.support.clock import FileClock
 from tests.support.google import FakeGoogle
 from tests.support.http import Response, connect_post, request
 from tests.support.server import RunningServer, start_server
@@ -52,6 +53,8 @@ def probed(tmp_path_factory: pytest.TempPathFactory, google: FakeGoogle) -> Iter
             RATE_LIMIT_PROBE_PER_IP=f"{PROBE_LIMIT}/minute",
             RATE_LIMIT_UNAUTHENTICATED_PER_IP="5/minute",
         ),
+        # Stopped at the start of every window: counts are exact, whatever the real time.
+        clock=FileClock(tmp_path_factory.mktemp("probed-clock") / "now").freeze(),
     )
     yield running
     assert running.stop() == 0, running.logs()
@@ -92,7 +95,9 @@ def test_health_checks_have_a_budget_per_client(probed: RunningServer, path: str
 
 def test_probes_pass_when_the_global_limit_is_exhausted(tmp_path: Path, google: FakeGoogle) -> None:
     busy = start_server(
-        tmp_path, server_env(google, RATE_LIMIT_GLOBAL="5/minute", TRUSTED_PROXIES="127.0.0.1/32")
+        tmp_path,
+        server_env(google, RATE_LIMIT_GLOBAL="5/minute", TRUSTED_PROXIES="127.0.0.1/32"),
+        clock=FileClock(tmp_path / "now").freeze(),
     )
     try:
         statuses = [

@@ -6,7 +6,6 @@ import json
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +18,7 @@ from gen.expense.auth.v1.auth_connect import AuthServiceClientSync
 from gen.expense.auth.v1.auth_pb import GetSessionRequest, SignInRequest
 from tests.conftest import require_tool, server_env
 from tests.support.client import Session, code_of
+from tests.support.clock import FileClock
 from tests.support.google import FakeGoogle
 from tests.support.http import Response, connect_post
 from tests.support.server import RunningServer, start_server
@@ -28,8 +28,14 @@ GET_SESSION = "/expense.auth.v1.AuthService/GetSession"
 
 
 @pytest.fixture(scope="module")
+def clock(tmp_path_factory: pytest.TempPathFactory) -> FileClock:
+    """Stopped at the start of every window: counts are exact, whatever the real time."""
+    return FileClock(tmp_path_factory.mktemp("clock") / "now").freeze()
+
+
+@pytest.fixture(scope="module")
 def limited(
-    tmp_path_factory: pytest.TempPathFactory, google: FakeGoogle
+    tmp_path_factory: pytest.TempPathFactory, google: FakeGoogle, clock: FileClock
 ) -> Iterator[RunningServer]:
     """Small limits; loopback is a trusted proxy so each test can be its own client IP."""
     running = start_server(
@@ -44,6 +50,7 @@ def limited(
             RATE_LIMIT_PER_SESSION="5/minute",
             RATE_LIMIT_PER_USER="8/minute",
         ),
+        clock=clock,
     )
     yield running
     assert running.stop() == 0, running.logs()
@@ -83,7 +90,7 @@ def test_sign_in_per_ip_holds_under_50_parallel_attempts(
 
 
 def test_sign_in_per_subject_then_the_window_passes_no_lockout(
-    limited: RunningServer, google: FakeGoogle
+    limited: RunningServer, google: FakeGoogle, clock: FileClock
 ) -> None:
     sub = secrets.token_hex(8)
     assert [sign_in(limited, google.token(sub=sub), new_ip()).status for _ in range(2)] == [
@@ -92,7 +99,7 @@ def test_sign_in_per_subject_then_the_window_passes_no_lockout(
     ]
     refused = sign_in(limited, google.token(sub=sub), new_ip())
     assert_limited(refused, "for this account")
-    time.sleep(2.2)
+    clock.advance(4)  # two windows of 2 s: the previous one no longer weighs
     assert sign_in(limited, google.token(sub=sub), new_ip()).status == 200
 
 
@@ -173,6 +180,7 @@ def test_a_forged_forwarded_for_from_an_untrusted_peer_changes_nothing(
     direct = start_server(
         tmp_path_factory.mktemp("direct"),
         server_env(google, RATE_LIMIT_SIGNIN_PER_IP="3/minute"),
+        clock=FileClock(tmp_path_factory.mktemp("direct-clock") / "now").freeze(),
     )
     try:
         statuses = [
@@ -188,6 +196,7 @@ def test_global_ceiling(tmp_path_factory: pytest.TempPathFactory, google: FakeGo
     busy = start_server(
         tmp_path_factory.mktemp("busy"),
         server_env(google, RATE_LIMIT_GLOBAL="20/minute", TRUSTED_PROXIES="127.0.0.1/32"),
+        clock=FileClock(tmp_path_factory.mktemp("busy-clock") / "now").freeze(),
     )
     try:
         responses = [

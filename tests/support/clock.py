@@ -1,7 +1,9 @@
 """Controllable clocks: one shared with a server process through a file, one in-process.
 
 The server under test reads the file on every reading; the test writes it.
-Until the test sets a time, the real clocks are used. `advance` moves both the
+Until the test sets a time, the real clocks are used; after the test removes the
+file, the real wall clock, and a monotonic clock that goes on from the last
+reading. `advance` moves both the
 wall clock and the monotonic clock, as time passing does; `step_wall` moves
 only the wall clock, as an NTP correction or an operator's `date -s` does.
 """
@@ -18,13 +20,22 @@ class FileClock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # The last monotonic reading from the file, and the real monotonic time then:
+        # once the file is removed, the monotonic clock goes on from there, so that
+        # it never runs backwards in the server that reads it.
+        self._anchor: tuple[int, int] | None = None
 
     def _read(self) -> tuple[int, int]:
+        real_mono = time.monotonic_ns() // 1_000_000
         try:
             wall, mono = self.path.read_text().split()
-            return int(wall), int(mono)
         except (FileNotFoundError, ValueError):
-            return time.time_ns() // 1_000_000, time.monotonic_ns() // 1_000_000
+            if self._anchor is not None:
+                base, at = self._anchor
+                return time.time_ns() // 1_000_000, base + real_mono - at
+            return time.time_ns() // 1_000_000, real_mono
+        self._anchor = (int(mono), real_mono)
+        return int(wall), int(mono)
 
     def now_ms(self) -> int:
         """The wall time in the file, or the real time when unset."""
@@ -55,6 +66,15 @@ class FileClock:
         """Step the wall clock (forward or back) while the monotonic clock stands."""
         wall, mono = self._read()
         self._write(wall + int(seconds * 1000), mono)
+
+    def freeze(self) -> FileClock:
+        """Stop both clocks at the real wall time and at the start of a day on the
+        monotonic clock: every rate-limit window (a second, a minute, an hour, a day)
+        starts there, so exact counts cannot straddle a window's edge."""
+        day = 86_400_000
+        mono = (time.monotonic_ns() // 1_000_000 // day + 1) * day
+        self._write(time.time_ns() // 1_000_000, mono)
+        return self
 
 
 class ManualClock:

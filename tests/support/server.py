@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.clock import FileClock
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 _SERVING = re.compile(r"serving address=(\S+) port=(\d+)")
@@ -58,9 +60,16 @@ def start_server(
     app: str | None = None,
     data_dir: Path | None = None,
     timeout_s: float = 60,
+    clock: FileClock | None = None,
 ) -> RunningServer:
-    """Run `expense-auth serve --port 0` in `tmp` and wait until it listens."""
+    """Run `expense-auth serve --port 0` in `tmp` and wait until it listens.
+
+    With `clock`, the server reads the time from it (tests.support.clock_app).
+    """
     data_dir = data_dir or tmp / "var"
+    if clock is not None:
+        env = {**env, "TEST_CLOCK_FILE": str(clock.path)}
+        app = app or "tests.support.clock_app:app"
     log_path = tmp / f"server-{time.monotonic_ns()}.log"
     full_env = {
         "PATH": os.environ.get("PATH", ""),
