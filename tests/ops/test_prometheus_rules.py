@@ -88,6 +88,17 @@ def test_rule_cases_pass(promtool: str) -> None:
     assert result.stdout.count("SUCCESS") == len(names)
 
 
+def test_the_example_scrape_config_is_valid(promtool: str, tmp_path: Path) -> None:
+    example = (PROMETHEUS_DIR / "prometheus.example.yml").read_text()
+    installed = "/etc/prometheus/rules/expense-auth.rules.yml"
+    assert installed in example
+    shutil.copy(RULES, tmp_path / RULES.name)
+    (tmp_path / "prometheus.yml").write_text(example.replace(installed, RULES.name))
+    result = run_promtool(promtool, "check", "config", "prometheus.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "job_name: expense-auth" in example  # the job the rules select
+
+
 def test_every_alert_has_a_case_that_fires_it_and_one_that_does_not() -> None:
     fired: set[str] = set()
     silent: set[str] = set()
