@@ -42,6 +42,7 @@ def test_workflow_runs_ci_run_on_pushes_and_pull_requests() -> None:
     assert {"push", "pull_request"} <= set(workflow["on"])
     test = workflow["jobs"]["test"]
     assert [s["run"] for s in test["steps"] if "run" in s][-1] == "bash .ci/run"
+    assert "--privileged" in test["container"]["options"]  # systemd in namespaces
     (checkout,) = steps(test, "actions/checkout@")
     assert checkout["with"]["fetch-depth"] == 0  # the merge base and tags must be there
 
