@@ -113,7 +113,7 @@ def test_ci_run_runs_the_readme_command_and_the_hooks() -> None:
 
 def test_gen_check_fails_on_stale_code_and_regenerates_it(tmp_path: Path) -> None:
     copy = tmp_path / "repo"
-    for name in ("proto", "gen", ".ci"):
+    for name in ("proto", "gen", "clients/ts/src/gen", ".ci"):
         shutil.copytree(REPO / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("buf.yaml", "buf.gen.yaml"):
         shutil.copy(REPO / name, copy / name)
@@ -121,15 +121,18 @@ def test_gen_check_fails_on_stale_code_and_regenerates_it(tmp_path: Path) -> Non
         (copy / name).symlink_to(REPO / name)
     assert subprocess.run([str(copy / ".ci" / "check-gen")], check=False).returncode == 0
 
-    generated = copy / "gen" / "expense" / "auth" / "v1" / "auth_pb.py"
-    fresh = generated.read_text()
-    generated.write_text(fresh + "# edited by hand\n")
-    result = subprocess.run(
-        [str(copy / ".ci" / "check-gen")], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 1
-    assert "gen/ is stale" in result.stderr
-    assert generated.read_text() == fresh
+    for generated, stale in [
+        (copy / "gen" / "expense" / "auth" / "v1" / "auth_pb.py", "gen/ is stale"),
+        (copy / "clients/ts/src/gen/expense/auth/v1/auth_pb.ts", "clients/ts/src/gen/ is stale"),
+    ]:
+        fresh = generated.read_text()
+        generated.write_text(fresh + "// edited by hand\n")
+        result = subprocess.run(
+            [str(copy / ".ci" / "check-gen")], capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 1
+        assert stale in result.stderr
+        assert generated.read_text() == fresh
 
 
 # --- what `buf breaking` compares with -----------------------------------------------------

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from gen.expense.auth.v1.auth_pb import CreateSignInNonceRequest, GetSessionRequest
+from server.config import load_config
 from tests.conftest import require_tool
 from tests.interop.tools import REPO
 from tests.support.client import Session
@@ -163,6 +164,22 @@ def test_the_example_environment_refuses_to_start_until_filled_in(tmp_path: Path
         assert variable in result.stderr
 
 
+def test_the_example_environment_filled_in_is_a_valid_production_config(tmp_path: Path) -> None:
+    """What the systemd test cannot run (its fake Google serves plain HTTP)."""
+    env = {
+        **env_file(ENV_EXAMPLE.read_text()),
+        "GOOGLE_CLIENT_ID": CLIENT_ID,
+        "SESSION_SECRET_KEY": secrets.token_urlsafe(48),
+        "ADMIN_TOKEN": secrets.token_urlsafe(48),
+        "DATA_DIR": "/var/lib/expense-auth",  # what the unit sets
+    }
+    config = load_config(env, env_file=None)
+    assert config.production
+    assert config.session_secure_cookie
+    assert config.google_certs_url.startswith("https://")  # Google's, by default
+    assert config.backup_dir == Path("/var/lib/expense-auth/backups")  # in the state directory
+
+
 # --- under systemd -------------------------------------------------------------------------
 
 # Empty stand-ins for the units the service orders itself after (default dependencies
@@ -276,8 +293,13 @@ def booted(tmp_path: Path, google: FakeGoogle) -> Iterator[Booted]:
         ENV_EXAMPLE.read_text()
         + "\n# The test's values, after the example's (the last assignment wins).\n"
         + f"GOOGLE_CLIENT_ID={CLIENT_ID}\nGOOGLE_CERTS_URL={google.certs_url}\n"
-        + f"SESSION_SECRET_KEY={secrets.token_urlsafe(48)}\nADMIN_TOKEN={'a' * 40}\n"
+        + f"SESSION_SECRET_KEY={secrets.token_urlsafe(48)}\n"
+        + f"ADMIN_TOKEN={secrets.token_urlsafe(48)}\n"
         + f"LISTEN_PORT={port}\nADMIN_PORT={admin_port}\n"
+        + "RATE_LIMIT_PROBE_PER_IP=1000/second\n"  # the test watches /readyz closely
+        # Production refuses a plain-HTTP GOOGLE_CERTS_URL, and the fake Google serves
+        # plain HTTP: development mode, with what production would force set by hand.
+        + "APP_ENV=development\nSIGNIN_NONCE_REQUIRED=true\nDEV_IDENTITY_ENABLED=false\n"
     )
     (units / "expense-auth.service").write_text(local_unit(environment))
     log, console = tmp_path / "service.log", tmp_path / "systemd.log"
@@ -385,7 +407,7 @@ def watch_readiness(url: str, answers: list[str], stopping: threading.Event) -> 
             answers.append("draining" if draining else "ready")
         except OSError:
             answers.append("refused")
-        time.sleep(0.02)
+        time.sleep(0.05)
 
 
 def test_the_service_under_systemd(booted: Booted, google: FakeGoogle) -> None:
@@ -403,7 +425,7 @@ def test_the_service_under_systemd(booted: Booted, google: FakeGoogle) -> None:
         assert int(status["CapBnd"], 16) == 0
         assert int(status["CapEff"], 16) == 0
 
-    # It serves: a production sign-in with a nonce (the crypto under
+    # It serves: a sign-in with a nonce (the crypto under
     # MemoryDenyWriteExecute and the system call filter), Google's certs fetched over
     # AF_INET, the database in the state directory, and the metrics on the admin port.
     browser = Session(booted.url)
