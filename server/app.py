@@ -52,6 +52,7 @@ from server.identity.certs import CertsSource, HttpCerts, StaticCerts
 from server.identity.dev_issuer import DEV_AUDIENCE, DEV_ISSUER, DevIssuer
 from server.identity.verifier import GOOGLE_ISSUERS, IdTokenVerifier
 from server.ops import logs, telemetry
+from server.ops.backup_status import last_success, record_success
 from server.ops.jobs import Periodic, backup_job, retention_job
 from server.ops.metrics import Metrics, ScrapeTime
 from server.ops.readiness import SHUTDOWN_MARKER_ENV, Readiness, healthz
@@ -229,6 +230,9 @@ def create_app(
             old_key_verifications=lambda: signer.old_key_verifications,
         )
     )
+    metrics.track_readiness(readiness.checks)
+    metrics.last_backup.set_function(lambda: last_success(config.data_dir))
+    metrics.session_max_age.set(config.session_max_age_seconds)
 
     # The interceptor order, written once, first = outermost. All but Deadline
     # are metadata interceptors, so they run before the request body is read.
@@ -339,6 +343,7 @@ def _jobs(config: Config, store: SQLiteStore, clock: Clock) -> list[Periodic]:
                 keep=config.backup_keep,
                 interval_s=config.backup_interval_seconds,
                 before=store.checkpoint,
+                after=lambda: record_success(config.data_dir, now_s=clock.now_ms() / 1000),
             )
         )
     return jobs

@@ -14,6 +14,7 @@ from server.config import Config, ConfigError, load_config
 from server.domain.clock import SystemClock
 from server.identity.dev_issuer import DEV_AUDIENCE, DevIssuer
 from server.ops import logs
+from server.ops.backup_status import record_success
 from server.ops.readiness import SHUTDOWN_MARKER_ENV
 from server.storage.backup import BackupError, backup, restore
 from server.storage.files import UMASK, open_to_others, private_dir, tighten_database
@@ -121,6 +122,7 @@ def _purge(config: Config) -> int:
 
 def _backup(config: Config, dest: Path) -> int:
     path = backup(config.sqlite_path, dest)
+    record_success(config.data_dir, now_s=SystemClock().now_ms() / 1000)
     print(f"{path}: integrity ok")
     return 0
 

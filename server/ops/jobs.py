@@ -58,9 +58,18 @@ def retention_job(retention: Retention, *, interval_s: float) -> Periodic:
 
 
 def backup_job(
-    db_path: Path, directory: Path, *, keep: int, interval_s: float, before: Callable[[], None]
+    db_path: Path,
+    directory: Path,
+    *,
+    keep: int,
+    interval_s: float,
+    before: Callable[[], None],
+    after: Callable[[], None] = lambda: None,
 ) -> Periodic:
-    """Take a verified backup into `directory` periodically, keeping the newest `keep`."""
+    """Take a verified backup into `directory` periodically, keeping the newest `keep`.
+
+    `after` runs once a backup has passed its integrity check (it records the time).
+    """
 
     async def step() -> None:
         before()
@@ -70,6 +79,7 @@ def backup_job(
         except BackupError as exc:
             log.error("scheduled backup failed", extra={"error": str(exc)})
             return
+        await asyncio.to_thread(after)
         removed = await asyncio.to_thread(prune, directory, keep=keep)
         log.info("backup taken", extra={"path": path.name, "pruned": len(removed)})
 

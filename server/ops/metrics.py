@@ -1,14 +1,23 @@
 """Prometheus metrics, served at `/metrics` on the admin listener.
 
 Counters and histograms are updated on the request path by the metrics
-interceptor; gauges that need the database are computed when scraped.
+interceptor; gauges that need the database are computed when scraped. The
+operational gauges (readiness checks, last backup, session lifetime, and the
+process collector's start time) exist for the alert rules in deploy/prometheus.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import Scope
@@ -70,6 +79,36 @@ class Metrics:
             ["procedure"],
             registry=self.registry,
         )
+        # process_start_time_seconds: the key-rotation alert compares the uptime with
+        # the session lifetime (a restart is when a new key list takes effect).
+        ProcessCollector(registry=self.registry)
+        self.readiness = Gauge(
+            "expense_auth_readiness_check",
+            "1 when the readiness check passes, 0 when it fails (the checks of /readyz).",
+            ["check"],
+            registry=self.registry,
+        )
+        self.last_backup = Gauge(
+            "expense_auth_backup_last_success_timestamp_seconds",
+            "Unix time of the last verified backup (scheduled or `expense-auth backup`); "
+            "0 when none was ever recorded.",
+            registry=self.registry,
+        )
+        self.session_max_age = Gauge(
+            "expense_auth_session_max_age_seconds",
+            "SESSION_MAX_AGE_SECONDS: after this long, no cookie signed by an old key is live.",
+            registry=self.registry,
+        )
+        self._before_scrape: list[Callable[[], Awaitable[None]]] = []
+
+    def track_readiness(self, checks: Callable[[], Awaitable[Mapping[str, str]]]) -> None:
+        """Refresh the readiness gauges from `checks` (as /readyz reports them) at each scrape."""
+
+        async def refresh() -> None:
+            for check, result in (await checks()).items():
+                self.readiness.labels(check).set(1 if result == "ok" else 0)
+
+        self._before_scrape.append(refresh)
 
     def add_scrape_time(self, collector: ScrapeTime) -> None:
         """Register values computed when scraped."""
@@ -77,6 +116,8 @@ class Metrics:
 
     async def endpoint(self, scope: Scope) -> PlainResponse:
         """The `/metrics` answer."""
+        for refresh in self._before_scrape:
+            await refresh()
         return PlainResponse(
             status=200, body=generate_latest(self.registry), content_type=CONTENT_TYPE
         )
