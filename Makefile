@@ -8,14 +8,14 @@ BIN := $(VENV)/bin
 PY_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: serve test setup check lint typecheck proto-check pytest clean
+.PHONY: serve test setup container-tools image check lint typecheck proto-check pytest clean
 
 serve: $(PY_STAMP)
 	$(BIN)/expense-auth serve
 
 test: setup check pytest
 
-setup: $(PY_STAMP) $(NODE_STAMP)
+setup: $(PY_STAMP) $(NODE_STAMP) container-tools
 
 $(PY_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,18 @@ $(NODE_STAMP): package.json package-lock.json
 	command -v chromium >/dev/null && command -v strace >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq chromium strace)
 	touch $@
+
+# The container image (deploy/container/, tests/deploy/) is built and run with Debian's
+# podman; its base comes from mmdebstrap; this host's cgroups need runc (see
+# deploy/container/containers.conf).
+container-tools:
+	@command -v podman >/dev/null && command -v mmdebstrap >/dev/null && \
+		command -v runc >/dev/null && command -v curl >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq podman mmdebstrap runc curl)
+
+# The image, localhost/expense-auth:latest (docs/operations.md, "Deploy with a container").
+image: container-tools
+	deploy/container/build.sh
 
 check: lint typecheck proto-check
 
