@@ -14,14 +14,14 @@ EXAMPLE_STAMP := examples/web/node_modules/.installed
 # (.ci/check-gen, which the pre-commit hook runs too).
 GENERATED := gen clients/ts/src/gen
 
-.PHONY: serve test setup ops-tools check lint typecheck proto-check pytest clean example
+.PHONY: serve test setup ops-tools container-tools image check lint typecheck proto-check pytest clean example
 
 serve: $(PY_STAMP)
 	$(BIN)/expense-auth serve
 
 test: setup check pytest
 
-setup: $(PY_STAMP) $(NODE_STAMP) $(EXAMPLE_STAMP) ops-tools
+setup: $(PY_STAMP) $(NODE_STAMP) $(EXAMPLE_STAMP) ops-tools container-tools
 
 # The deployment tests check deploy/ with promtool (Debian `prometheus`, which also
 # runs the Prometheus of `make dashboard-preview`) and systemd-analyze (Debian `systemd`).
@@ -51,6 +51,18 @@ $(NODE_STAMP): package.json package-lock.json clients/ts/package.json
 $(EXAMPLE_STAMP): examples/web/package.json examples/web/package-lock.json
 	cd examples/web && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
+
+# The container image (deploy/container/, tests/deploy/) is built and run with Debian's
+# podman; its base comes from mmdebstrap; this host's cgroups need runc (see
+# deploy/container/containers.conf).
+container-tools:
+	@command -v podman >/dev/null && command -v mmdebstrap >/dev/null && \
+		command -v runc >/dev/null && command -v curl >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq podman mmdebstrap runc curl)
+
+# The image, localhost/expense-auth:latest (docs/operations.md, "Deploy with a container").
+image: container-tools
+	deploy/container/build.sh
 
 check: lint typecheck proto-check
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import secrets
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -30,14 +28,22 @@ from gen.grpc.health.v1.health_connect import HealthClientSync
 from gen.grpc.health.v1.health_pb import HealthCheckRequest, HealthCheckResponse
 from server.storage.sqlite import migrate
 from tests.conftest import server_env
-from tests.support.client import code_of, cookie_from
+from tests.support.burst import (
+    GET_SESSION,
+    NOTICES,
+    SIGN_IN,
+    WORKERS,
+    attempt,
+    burst_then_stop,
+    describe,
+    google_tokens,
+)
+from tests.support.client import code_of
 from tests.support.google import FakeGoogle
 from tests.support.http import Response, connect_post, request
 from tests.support.server import RunningServer, start_server
 
 CLI = str(Path(sys.executable).parent / "expense-auth")
-SIGN_IN = "/expense.auth.v1.AuthService/SignIn"
-GET_SESSION = "/expense.auth.v1.AuthService/GetSession"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 DB_NAME = "expense-auth.db"
 
@@ -62,118 +68,26 @@ def open_db(path: Path) -> closing[sqlite3.Connection]:
 
 # --- SIGTERM under load -------------------------------------------------------------------
 #
-# The clients behave like a load balancer that is a little slow to react: they keep
-# sending through the readiness grace period, and once the server has said it is
-# draining (`Connection: close` on an answer, Envoy's drain notice), each makes one last
-# call a moment later and stops. A server that drains gracefully keeps accepting for its
-# drain period (Envoy's --drain-time-s, 1 s) and answers all of these; so no client may
-# see a refused or dropped connection. Refusals or resets mean the drain was cut short.
+# The clients (tests/support/burst.py) behave like a load balancer that is a little slow
+# to react; no client may see a refused or dropped connection.
 
-WORKERS = 8
-PAUSE_S = 0.1  # between one client's sign-in pairs: steady load, not a flood
-NOTICES = 2
-LAST_CALL_AFTER_S = 0.25  # the load balancer's reaction time; well within the drain period
-BURST_BEFORE_SIGTERM_S = 1.0
 EXIT_TIMEOUT_S = 30
-
-
-@dataclass
-class Call:
-    """One call of the burst, as its client saw it.
-
-    A call either got an HTTP answer (`status`), or none (`error`: the exception's
-    class name). The calls are raw Connect JSON requests, one connection each,
-    rather than the generated client: that client folds "could not connect" and
-    "connection dropped after the request was sent" into one `unavailable`, and
-    this test is about telling them apart.
-    """
-
-    procedure: str
-    subject: str
-    started: float
-    status: int | None = None
-    error: str = ""
-    body: str = ""
-    session_id: str = ""
-    closing: bool = False  # the answer said `Connection: close`: the server is draining
-
-    @property
-    def refused(self) -> bool:
-        """The server did not take the connection at all."""
-        return self.error == ConnectionRefusedError.__name__
-
-
-def attempt(
-    url: str, procedure: str, message: dict[str, Any], *, subject: str, cookie: str = ""
-) -> tuple[Call, Response | None]:
-    call = Call(procedure, subject, started=time.monotonic())
-    try:
-        response = connect_post(url, procedure, message, headers={"cookie": cookie})
-    except (OSError, http.client.HTTPException) as exc:
-        call.error = type(exc).__name__
-        return call, None
-    call.status = response.status
-    call.body = response.body.decode(errors="replace")[:300]
-    call.closing = (response.header("connection") or "").lower() == "close"
-    if response.status == 200:
-        call.session_id = response.json()["session"]["id"]
-    return call, response
-
-
-def session_cookie(response: Response) -> str:
-    pairs = [cookie_from(c) for c in response.all("set-cookie") if "Max-Age=0" not in c]
-    return "; ".join(f"{name}={value}" for name, value in pairs if value)
-
-
-def client_loop(url: str, google: FakeGoogle, calls: list[Call]) -> None:
-    """Sign in as a new user and read the session back, until told to go away."""
-    notices = 0
-    while True:
-        subject = secrets.token_hex(8)
-        token = google.token(sub=subject, email=f"{subject}@example.com")
-        sign_in, response = attempt(url, SIGN_IN, {"googleIdToken": token}, subject=subject)
-        calls.append(sign_in)
-        notices += sign_in.closing
-        if response is None or notices >= NOTICES:
-            return
-        if response.status == 200:
-            if notices:
-                time.sleep(LAST_CALL_AFTER_S)
-            get, _ = attempt(url, GET_SESSION, {}, subject=subject, cookie=session_cookie(response))
-            calls.append(get)
-            notices += get.closing
-            if get.status is None or notices >= NOTICES:
-                return
-        time.sleep(LAST_CALL_AFTER_S if notices else PAUSE_S)
-
-
-def describe(calls: list[Call], since: float) -> str:
-    return "\n".join(
-        f"{c.started - since:+.2f}s {c.procedure.rsplit('/', 1)[-1]} "
-        f"status={c.status} error={c.error} {c.body}"
-        for c in calls[:20]
-    )
 
 
 def test_sigterm_during_a_burst_loses_no_call(tmp_path: Path, google: FakeGoogle) -> None:
     server = start_server(tmp_path, server_env(google, DRAIN_SECONDS="10"))
-    calls: list[Call] = []  # list.append is atomic: the workers share it without a lock
-    workers = [
-        threading.Thread(target=client_loop, args=(server.url, google, calls), daemon=True)
-        for _ in range(WORKERS)
-    ]
-    try:
-        for worker in workers:
-            worker.start()
-        time.sleep(BURST_BEFORE_SIGTERM_S)
-        sigterm_at = time.monotonic()
+    exit_codes: list[int] = []
+
+    def stop() -> None:
         server.process.send_signal(signal.SIGTERM)
-        exit_code = server.process.wait(timeout=EXIT_TIMEOUT_S)
-        for worker in workers:
-            worker.join(timeout=30)
+        exit_codes.append(server.process.wait(timeout=EXIT_TIMEOUT_S))
+
+    try:
+        burst = burst_then_stop(server.url, google_tokens(google), stop)
     finally:
         if server.process.poll() is None:
             server.process.kill()
+    calls, sigterm_at, exit_code = burst.calls, burst.sigterm_at, exit_codes[0]
     logs = server.logs()
     after_exit, _ = attempt(server.url, GET_SESSION, {}, subject="")
 
