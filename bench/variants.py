@@ -79,12 +79,11 @@ def _no_security_headers() -> None:
 
 def _no_principal_cache() -> None:
     from server.storage.sqlite import store
-    from server.storage.sqlite.principals import PrincipalCache
 
-    def fresh(self: Any, conn: Any) -> Any:
-        return PrincipalCache(0)
+    def unknown(self: Any) -> None:
+        return None  # as when the database cannot answer at once: the cache is skipped
 
-    setattr(store.SQLiteStore, "_principals", fresh)  # noqa: B010
+    setattr(store.SQLiteStore, "_generation", unknown)  # noqa: B010
 
 
 PATCHES: dict[str, tuple[Callable[[], None], ...]] = {

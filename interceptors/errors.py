@@ -16,7 +16,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
-from server.domain.errors import DomainError, RateLimited
+from server.domain.errors import DomainError, RateLimited, Unavailable
 from server.rpc.context import request_id_of
 from server.rpc.errors import INTERNAL_MESSAGE, client_fault, to_connect_error
 
@@ -42,7 +42,7 @@ class ErrorBoundary:
                 raise replacement from None
             return
         if isinstance(error, DomainError):
-            if isinstance(error, RateLimited):
+            if isinstance(error, RateLimited | Unavailable) and error.retry_after_s:
                 ctx.response_headers["retry-after"] = str(error.retry_after_s)
             raise to_connect_error(error) from None
         log.error(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -41,6 +43,7 @@ from server.domain.accounts import Accounts
 from server.domain.admin import Admin
 from server.domain.audit import Audit
 from server.domain.clock import Clock, SystemClock
+from server.domain.errors import Unavailable
 from server.domain.retention import Retention, RetentionPolicy
 from server.domain.sessions import SessionPolicy, Sessions
 from server.domain.signin import SignIns
@@ -224,10 +227,13 @@ def create_app(
     )
     metrics.add_scrape_time(
         ScrapeTime(
-            live_sessions=lambda: store.count_live_sessions(
-                now_ms=clock.now_ms(), idle_cutoff_ms=clock.now_ms() - policy.idle_ms
-            ),
             old_key_verifications=lambda: signer.old_key_verifications,
+            storage_errors=lambda: store.incidents.counts,
+        )
+    )
+    metrics.track_active_sessions(
+        lambda: store.count_live_sessions(
+            now_ms=clock.now_ms(), idle_cutoff_ms=clock.now_ms() - policy.idle_ms
         )
     )
     metrics.track_readiness(readiness.checks)
@@ -351,8 +357,9 @@ def _jobs(config: Config, store: SQLiteStore, clock: Clock) -> list[Periodic]:
 
 def _closer(store: SQLiteStore) -> Callable[[], Awaitable[None]]:
     async def close() -> None:
-        store.checkpoint()
-        store.close()
+        with contextlib.suppress(Unavailable):
+            await store.checkpoint()
+        await asyncio.to_thread(store.close)
 
     return close
 

@@ -83,9 +83,17 @@ class NotFound(DomainError):
 
 
 class Unavailable(DomainError):
-    """A dependency is down; the client may retry later."""
+    """A dependency is down or busy; the client may retry later.
+
+    Attributes:
+        retry_after_s: When to retry, in seconds (sent as Retry-After), if known.
+    """
 
     default_reason = "unavailable"
+
+    def __init__(self, message: str, *, reason: str = "", retry_after_s: int | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_after_s = retry_after_s
 
 
 class RateLimited(DomainError):

@@ -79,12 +79,19 @@ class SessionStore(Protocol):
         """The user signing in as (issuer, subject)."""
         ...
 
-    async def find_principal(self, token_hash: bytes) -> Principal | None:
-        """The session with this token hash and its user, whatever the session's state."""
+    async def find_principal(self, token_hash: bytes, *, fresh: bool = False) -> Principal | None:
+        """The session with this token hash and its user, whatever the session's state.
+
+        An engine may answer from a cache that is exactly as fresh as the data, except
+        for last-seen times written by other processes; `fresh` reads past any cache.
+        """
         ...
 
     async def touch_session(self, session_id: str, *, last_seen_ms: int) -> None:
-        """Record that the session was used (never moves last-seen back)."""
+        """Record that the session was used (never moves last-seen back).
+
+        Never fails the caller: a write that cannot be made now is retried later.
+        """
         ...
 
     async def revoke_session(

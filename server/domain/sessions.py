@@ -148,11 +148,16 @@ class Sessions:
         Raises:
             Unauthenticated: The session is unknown, revoked, idle too long or too old.
         """
-        principal = await self._store.find_principal(hash_secret(secret))
+        token_hash = hash_secret(secret)
+        principal = await self._store.find_principal(token_hash)
         if principal is None:
             raise Unauthenticated("the session is not valid; sign in again", reason="unknown")
-        session = principal.session
         now = self._clock.now_ms()
+        if now >= principal.session.last_seen_ms + self._policy.idle_ms:
+            # Another process may have seen the session more recently than a cache
+            # here knows: look again before calling it idle.
+            principal = await self._store.find_principal(token_hash, fresh=True) or principal
+        session = principal.session
         if session.revoke_ms is not None:
             raise Unauthenticated("the session was signed out; sign in again", reason="revoked")
         if principal.user.disabled_ms is not None:

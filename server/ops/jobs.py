@@ -63,7 +63,7 @@ def backup_job(
     *,
     keep: int,
     interval_s: float,
-    before: Callable[[], None],
+    before: Callable[[], Awaitable[None]],
     after: Callable[[], None] = lambda: None,
 ) -> Periodic:
     """Take a verified backup into `directory` periodically, keeping the newest `keep`.
@@ -72,7 +72,7 @@ def backup_job(
     """
 
     async def step() -> None:
-        before()
+        await before()
         await asyncio.to_thread(private_dir, directory)
         try:
             path = await asyncio.to_thread(backup, db_path, directory)

@@ -8,6 +8,7 @@ process collector's start time) exist for the alert rules in deploy/prometheus.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 
 from prometheus_client import (
@@ -22,32 +23,40 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import Scope
 
+from server.domain.errors import Unavailable
 from server.edge.router import PlainResponse
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class ScrapeTime(Collector):
-    """Values read at scrape time: live sessions and cookie verifications by old keys."""
+    """Counts kept by other parts, read at scrape time."""
 
     def __init__(
-        self, *, live_sessions: Callable[[], int], old_key_verifications: Callable[[], int]
+        self,
+        *,
+        old_key_verifications: Callable[[], int],
+        storage_errors: Callable[[], Mapping[str, int]],
     ) -> None:
-        self._live_sessions = live_sessions
         self._old_key = old_key_verifications
+        self._storage_errors = storage_errors
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """Produce the metrics."""
-        yield GaugeMetricFamily(
-            "expense_auth_active_sessions",
-            "Sessions that are live now.",
-            value=self._live_sessions(),
-        )
         yield CounterMetricFamily(
             "expense_auth_cookie_old_key_verifications",
             "Session cookies verified with a key other than the newest (rotation progress).",
             value=self._old_key(),
         )
+        errors = CounterMetricFamily(
+            "expense_auth_storage_errors",
+            "Store calls that failed because of the database, by kind (busy, disk_full, "
+            "read_only, io, damaged, error).",
+            labels=["kind"],
+        )
+        for kind, count in sorted(self._storage_errors().items()):
+            errors.add_metric([kind], count)
+        yield errors
 
 
 class Metrics:
@@ -99,7 +108,23 @@ class Metrics:
             "SESSION_MAX_AGE_SECONDS: after this long, no cookie signed by an old key is live.",
             registry=self.registry,
         )
+        self.active_sessions = Gauge(
+            "expense_auth_active_sessions",
+            "Sessions that are live now (NaN when the database cannot say).",
+            registry=self.registry,
+        )
         self._before_scrape: list[Callable[[], Awaitable[None]]] = []
+
+    def track_active_sessions(self, count: Callable[[], Awaitable[int]]) -> None:
+        """Refresh the live-sessions gauge from `count` at each scrape."""
+
+        async def refresh() -> None:
+            try:
+                self.active_sessions.set(await count())
+            except Unavailable:
+                self.active_sessions.set(math.nan)
+
+        self._before_scrape.append(refresh)
 
     def track_readiness(self, checks: Callable[[], Awaitable[Mapping[str, str]]]) -> None:
         """Refresh the readiness gauges from `checks` (as /readyz reports them) at each scrape."""

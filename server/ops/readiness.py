@@ -27,8 +27,9 @@ SHUTDOWN_MARKER_ENV = "EXPENSE_AUTH_SHUTDOWN_MARKER"
 class StoreProbe(Protocol):
     """The store, as readiness sees it."""
 
-    async def probe(self) -> str:
-        """ "" when the store is reachable, writable and migrated; else the problem."""
+    async def probe(self, *, now_ms: int) -> str:
+        """ "" when the store is reachable, takes a real write and is migrated; else the
+        problem."""
         ...
 
 
@@ -96,7 +97,7 @@ class Readiness:
         if self._on_check is not None:
             self._on_check()
         try:
-            store_problem = await self._store.probe()
+            store_problem = await self._store.probe(now_ms=self._clock.now_ms())
             result = {
                 "database": store_problem or "ok",
                 "identity_keys": "ok" if await self._keys.keys_available() else "unavailable",

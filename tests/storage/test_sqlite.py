@@ -22,7 +22,12 @@ from server.storage.sqlite import SchemaTooNew, SQLiteStore, check_schema, migra
 from tests.support.clock import ManualClock
 
 MINUTE = 60_000
-ALL_MIGRATIONS = ["m001_users_and_sessions", "m002_used_id_tokens", "m003_audit_and_deletions"]
+ALL_MIGRATIONS = [
+    "m001_users_and_sessions",
+    "m002_used_id_tokens",
+    "m003_audit_and_deletions",
+    "m004_principal_generation_and_probe",
+]
 
 
 ANN = Identity(

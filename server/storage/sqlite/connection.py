@@ -11,18 +11,20 @@ from sqlite_utils import Database
 from server.storage.files import private_file
 from server.storage.sqlite.migrations import migrations
 
-BUSY_TIMEOUT_MS = 5_000
+# How long a call waits for the database's write lock (another process, a
+# checkpoint, an operator's `sqlite3`) before it answers `unavailable`.
+BUSY_TIMEOUT_MS = 2_000
 
 
 class SchemaTooNew(Exception):
     """The database was migrated by a newer version of the service."""
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     """Open the database file with the service's pragmas (autocommit; explicit transactions)."""
     private_file(path)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
     conn.execute("PRAGMA journal_mode = WAL")
     # FULL: a commit is fsynced before it is acknowledged. NORMAL would survive a
     # process crash but could lose the last commits (a sign-in, a revocation, an
@@ -69,3 +71,22 @@ def check_schema(path: Path) -> list[str]:
         return [m.name for m in migrations.pending(Database(conn))]
     finally:
         conn.close()
+
+
+def check_integrity(path: Path) -> str:
+    """ "ok", or what SQLite's quick check finds wrong with the file (or why it cannot run).
+
+    SQLite does not check a file when it opens it: a damaged file would be served,
+    and written to, until a query trips over the damage.
+    """
+    if not path.exists():
+        return "ok"  # a new database
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return f"not a readable database: {exc}"
+    return "; ".join(str(row[0]) for row in rows[:5])

@@ -91,3 +91,54 @@ def m003_audit_and_deletions(db: Database) -> None:
         """
     )
     db.execute("ALTER TABLE users ADD COLUMN disabled_ms INTEGER")
+
+
+@migrations()
+def m004_principal_generation_and_probe(db: Database) -> None:
+    """A counter that every change to a cached principal moves, and a row for write probes.
+
+    The principal cache (principals.py) stays valid while `principal_generation.n`
+    is unchanged. Triggers move it on any change to a user, and on any change to
+    a session but its last-seen time, whoever makes it: this process, another
+    process, `expense-auth purge`, or an operator's `sqlite3`. Touches (last-seen)
+    do not move it, so they do not empty the cache.
+    """
+    db.execute(
+        "CREATE TABLE principal_generation "
+        "(id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL) STRICT"
+    )
+    db.execute("INSERT INTO principal_generation (id, n) VALUES (1, 0)")
+    bump = "UPDATE principal_generation SET n = n + 1 WHERE id = 1;"
+    db.execute(
+        f"""
+        CREATE TRIGGER sessions_changed AFTER UPDATE ON sessions
+        WHEN OLD.revoke_ms IS NOT NEW.revoke_ms OR OLD.expire_ms IS NOT NEW.expire_ms
+          OR OLD.user_id IS NOT NEW.user_id OR OLD.token_hash IS NOT NEW.token_hash
+          OR OLD.id IS NOT NEW.id OR OLD.create_ms IS NOT NEW.create_ms
+          OR OLD.user_agent IS NOT NEW.user_agent
+        BEGIN {bump} END
+        """
+    )
+    db.execute(f"CREATE TRIGGER sessions_deleted AFTER DELETE ON sessions BEGIN {bump} END")
+    db.execute(
+        f"""
+        CREATE TRIGGER users_changed AFTER UPDATE ON users
+        WHEN OLD.id IS NOT NEW.id OR OLD.issuer IS NOT NEW.issuer
+          OR OLD.subject IS NOT NEW.subject OR OLD.email IS NOT NEW.email
+          OR OLD.email_verified IS NOT NEW.email_verified
+          OR OLD.display_name IS NOT NEW.display_name
+          OR OLD.picture_uri IS NOT NEW.picture_uri
+          OR OLD.currency_code IS NOT NEW.currency_code
+          OR OLD.time_zone IS NOT NEW.time_zone OR OLD.locale IS NOT NEW.locale
+          OR OLD.create_ms IS NOT NEW.create_ms OR OLD.update_ms IS NOT NEW.update_ms
+          OR OLD.disabled_ms IS NOT NEW.disabled_ms
+        BEGIN {bump} END
+        """
+    )
+    db.execute(f"CREATE TRIGGER users_deleted AFTER DELETE ON users BEGIN {bump} END")
+    # Readiness writes here (a real write, through the writer) to prove writes work.
+    db.execute(
+        "CREATE TABLE write_probe "
+        "(id INTEGER PRIMARY KEY CHECK (id = 1), at_ms INTEGER NOT NULL) STRICT"
+    )
+    db.execute("INSERT INTO write_probe (id, at_ms) VALUES (1, 0)")

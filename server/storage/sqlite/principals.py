@@ -1,10 +1,9 @@
 """The principal cache: sessions and their users by token hash, exactly as fresh as the file.
 
-A cache belongs to one connection (one thread) and is valid for one value of
-that connection's `PRAGMA data_version`, which changes when any other
-connection (another thread, the CLI, another process) commits; the store also
-empties it on each of its own write transactions. So a revocation takes effect
-on the very next request, as without the cache.
+A cache is valid for one value of the database's principal generation
+(migration m004), which triggers move on every change to a user or to a
+session other than its last-seen time, whoever writes it. So a revocation takes
+effect on the very next request, as without the cache.
 """
 
 from __future__ import annotations
@@ -17,10 +16,10 @@ PRINCIPAL_CACHE_MAX = 10_000
 
 
 class PrincipalCache:
-    """One connection's principals by token hash, valid for one `PRAGMA data_version`."""
+    """Principals by token hash, valid for one principal generation."""
 
-    def __init__(self, data_version: int) -> None:
-        self.data_version = data_version
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
         self.by_token: dict[bytes, Principal] = {}
         self.token_of_session: dict[str, bytes] = {}
 

@@ -6,6 +6,7 @@ Each function runs on a connection inside the transaction the store opened.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -151,12 +152,18 @@ def find_principal(conn: sqlite3.Connection, token_hash: bytes) -> Principal | N
     return Principal(session=rows.session(row[:8]), user=rows.user(row[8:]))
 
 
-def touch_session(conn: sqlite3.Connection, session_id: str, *, last_seen_ms: int) -> None:
-    """Move `last_seen_ms` forward (never back)."""
-    conn.execute(
+def touch_sessions(conn: sqlite3.Connection, last_seen: Mapping[str, int]) -> None:
+    """Move each session's `last_seen_ms` forward (never back)."""
+    conn.executemany(
         "UPDATE sessions SET last_seen_ms = max(last_seen_ms, ?) WHERE id = ?",
-        (last_seen_ms, session_id),
+        [(at, session_id) for session_id, at in last_seen.items()],
     )
+
+
+def principal_generation(conn: sqlite3.Connection) -> int:
+    """The counter every change to a cached principal moves (migration m004)."""
+    row = conn.execute("SELECT n FROM principal_generation WHERE id = 1").fetchone()
+    return int(row[0])
 
 
 def revoke_session(

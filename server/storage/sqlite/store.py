@@ -1,23 +1,40 @@
 """The embedded SQLite store (the default engine): every domain port over one file.
 
-One connection per thread (sqlite3 connections are bound to their thread), in
-WAL mode with a busy timeout. Every write runs in `BEGIN IMMEDIATE`, which takes
-the write lock up front: a deferred transaction that reads and then writes
-fails at once with "database is locked" when another writer got in between.
+Nothing here blocks the event loop. Writes run one at a time on a writer
+thread, reads on a small pool of reader threads, each thread with its own
+connection (sqlite3 connections are bound to their thread). Every call has a
+deadline: SQLite's busy handler waits at most what is left of it for another
+process's lock, then the call answers `unavailable` with a Retry-After. Every
+write runs in `BEGIN IMMEDIATE`, which takes the write lock up front (a deferred
+transaction that reads and then writes fails at once when another writer got in
+between). SQLite errors become `unavailable` with a message for the client
+(failures.py); a connection that may be stale is reopened on the next call, so
+the store recovers by itself when the cause (a read-only file, a full disk) is
+gone. A database file or -wal that is removed or replaced while the server runs,
+or that SQLite reports damaged, marks the store damaged: every call is refused
+and readiness fails until an operator restores it.
+
 The queries live in one module per port (sessions, accounts, admin,
-retention); this class owns the connections, the transactions and the
+retention); this class owns threads, connections, transactions and the
 principal cache.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
+from server.domain.errors import Unavailable
 from server.domain.models import (
     AuditEvent,
     Identity,
@@ -30,70 +47,232 @@ from server.domain.models import (
 )
 from server.domain.ports import UserDefaults
 from server.storage.sqlite import accounts, admin, retention, sessions
-from server.storage.sqlite.connection import applied_migrations, connect, known_migrations
+from server.storage.sqlite.connection import (
+    BUSY_TIMEOUT_MS,
+    applied_migrations,
+    connect,
+    known_migrations,
+)
+from server.storage.sqlite.failures import BUSY, Failure, Incidents, classify
 from server.storage.sqlite.principals import PrincipalCache
+
+log = logging.getLogger("expense_auth.storage")
 
 P = ParamSpec("P")
 T = TypeVar("T")
 Query = Callable[Concatenate[sqlite3.Connection, P], T]
 
+READER_THREADS = 4
+# A last-seen write waits this long at most; if it cannot be made by then, the read
+# that caused it succeeds anyway and the write is retried in the background.
+TOUCH_WAIT_MS = 250
+TOUCH_RETRY_S = 1.0
+# Errors of our own code (a constraint we violated, a bad statement): not the
+# database's failure, so they stay errors (`internal`), with a traceback.
+_OUR_BUGS = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)
+
 
 class SQLiteStore:
     """Users and sessions in one SQLite file.
 
-    `find_principal` (every authenticated call) is served from a per-thread
-    cache that is exactly as fresh as the database (see principals.py): any
-    write transaction of this thread empties it, and `PRAGMA data_version`,
-    read on every lookup, changes when any other connection has committed. Only
-    `touch_session`, which moves `last_seen_ms` forward, forgets just the
-    session it touched.
+    `find_principal` (every authenticated call) is served from a cache on the
+    event loop that is exactly as fresh as the database: it is valid for one
+    value of `principal_generation.n`, which triggers move on any change to a
+    user or to a session but its last-seen time, whoever makes the change (this
+    process, another one, the CLI, an operator's `sqlite3`). Reading that counter
+    is one small indexed read on a connection that never waits for a lock (a
+    read in WAL mode does not wait for writers); if it cannot answer at once,
+    the lookup goes to a reader thread and skips the cache.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self._path = path
+        self._wal_path = path.with_name(path.name + "-wal")
+        self._busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="sqlite-reader")
+        self._loop_conn: sqlite3.Connection | None = None
+        self._cache = PrincipalCache(-1)
+        self._unwritten_touches: dict[str, int] = {}
+        self._touch_retry: asyncio.Task[None] | None = None
+        self._files: tuple[int, int] | None = None
+        self.incidents = Incidents()
+        self.damage = ""
+
+    # Threads and transactions
 
     @property
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = connect(self._path)
+            conn = connect(self._path, busy_timeout_ms=self._busy_timeout_ms)
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
         return conn
 
-    @contextmanager
-    def _transaction(self, *, forget_principals: bool = True) -> Iterator[sqlite3.Connection]:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        if forget_principals:
-            self._local.principals = None
+    def _drop_connection(self) -> None:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with self._lock:
+                if conn in self._all:
+                    self._all.remove(conn)
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     async def _write(self, query: Query[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run `query` in a write transaction (which empties this thread's principal cache)."""
-        with self._transaction() as conn:
-            return query(conn, *args, **kwargs)
+        """Run `query` in a write transaction on the writer thread."""
+        return await self._submit(self._writer, query, args, kwargs, write=True)
 
     async def _read(self, query: Query[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run `query` outside a write transaction."""
-        return query(self._conn, *args, **kwargs)
+        """Run `query` on a reader thread."""
+        return await self._submit(self._readers, query, args, kwargs, write=False)
 
-    def _principals(self, conn: sqlite3.Connection) -> PrincipalCache:
-        """This thread's principal cache, emptied if another connection has written."""
-        version: int = conn.execute("PRAGMA data_version").fetchone()[0]
-        cache: PrincipalCache | None = getattr(self._local, "principals", None)
-        if cache is None or cache.data_version != version:
-            cache = self._local.principals = PrincipalCache(version)
-        return cache
+    async def _submit(
+        self,
+        pool: ThreadPoolExecutor,
+        query: Query[P, T],
+        args: tuple[object, ...],
+        kwargs: Mapping[str, object],
+        *,
+        write: bool,
+        wait_ms: int | None = None,
+    ) -> T:
+        wait_s = (self._busy_timeout_ms if wait_ms is None else wait_ms) / 1000
+        deadline = time.monotonic() + wait_s
+        future = pool.submit(self._run, query, args, kwargs, write=write, deadline=deadline)
+        try:
+            # The thread gives up by the deadline itself; this bounds the wait for a
+            # thread that is stuck in the file system (a hung disk).
+            async with asyncio.timeout(wait_s + 5):
+                return await asyncio.wrap_future(future)
+        except TimeoutError:
+            self.incidents.failed(BUSY, None)
+            raise BUSY.error() from None
+
+    def _run(
+        self,
+        query: Query[P, T],
+        args: tuple[object, ...],
+        kwargs: Mapping[str, object],
+        *,
+        write: bool,
+        deadline: float,
+    ) -> T:
+        if self.damage:
+            raise DAMAGED.error()
+        remaining_ms = int((deadline - time.monotonic()) * 1000)
+        if remaining_ms <= 0:  # queued behind calls that waited for a lock
+            self.incidents.failed(BUSY, None)
+            raise BUSY.error()
+        try:
+            conn = self._conn
+            conn.execute(f"PRAGMA busy_timeout = {remaining_ms}")
+            if write:
+                result = self._transaction(conn, query, args, kwargs)
+            else:
+                result = query(conn, *args, **kwargs)  # type: ignore[arg-type]
+        except _OUR_BUGS:
+            raise
+        except sqlite3.Error as exc:
+            failure = classify(exc)
+            self._failed(failure, exc)
+            raise failure.error() from None
+        self.incidents.succeeded()
+        return result
+
+    def _transaction(
+        self,
+        conn: sqlite3.Connection,
+        query: Query[P, T],
+        args: tuple[object, ...],
+        kwargs: Mapping[str, object],
+    ) -> T:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._check_files()
+            result = query(conn, *args, **kwargs)  # type: ignore[arg-type]
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    def _check_files(self) -> None:
+        """Refuse to write once the database or its -wal is not the file we opened.
+
+        Deleting the -wal of a live database does not stop SQLite: it goes on
+        writing into the unlinked file, and every write acknowledged after that is
+        lost. Checked in each write transaction, after the write lock is taken.
+        """
+        try:
+            files = (os.stat(self._path).st_ino, os.stat(self._wal_path).st_ino)
+        except FileNotFoundError as exc:
+            missing = Path(exc.filename or "").name
+            self._mark_damaged(
+                f"{missing} was removed while the server was running; restart the server "
+                "(restore a backup if the database is gone)"
+            )
+            raise DAMAGED.error() from None
+        if self._files is None:
+            self._files = files
+        elif files != self._files:
+            self._mark_damaged(
+                "the database file or its -wal was replaced while the server was running; "
+                "restart the server"
+            )
+            raise DAMAGED.error()
+
+    def _failed(self, failure: Failure, exc: BaseException) -> None:
+        self.incidents.failed(failure, exc)
+        if failure.damaged:
+            self._mark_damaged(f"SQLite reports the file damaged ({exc})")
+        if failure.reconnect:
+            self._drop_connection()
+
+    def _mark_damaged(self, why: str) -> None:
+        if not self.damage:
+            self.damage = (
+                f"{why}; the server refuses to use the database until it is restored "
+                "(expense-auth restore BACKUP)"
+            )
+            log.error("database damaged", extra={"why": why})
+
+    # The principal cache, on the event loop
+
+    def _generation(self) -> int | None:
+        """The principal generation, read on the event loop without waiting; None if the
+        database cannot answer at once (the caller then skips the cache)."""
+        if self.damage:
+            return None
+        try:
+            conn = self._loop_conn
+            if conn is None:
+                conn = sqlite3.connect(self._path, check_same_thread=False)
+                conn.execute("PRAGMA busy_timeout = 0")
+                conn.execute("PRAGMA query_only = 1")
+                self._loop_conn = conn
+            return sessions.principal_generation(conn)
+        except sqlite3.Error:
+            self._close_loop_conn()
+            return None
+
+    def _close_loop_conn(self) -> None:
+        conn, self._loop_conn = self._loop_conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def _with_unwritten_touch(self, principal: Principal) -> Principal:
+        at = self._unwritten_touches.get(principal.session.id)
+        if at is None or at <= principal.session.last_seen_ms:
+            return principal
+        return replace(principal, session=replace(principal.session, last_seen_ms=at))
 
     # SessionStore
 
@@ -124,25 +303,52 @@ class SQLiteStore:
         """See `SessionStore.find_user_by_subject`."""
         return await self._read(sessions.find_user_by_subject, issuer, subject)
 
-    async def find_principal(self, token_hash: bytes) -> Principal | None:
-        """The session with this token hash, and its user (cached; else one indexed join)."""
-        conn = self._conn
-        cache = self._principals(conn)
-        cached = cache.by_token.get(token_hash)
-        if cached is not None:
-            return cached
-        principal = sessions.find_principal(conn, token_hash)
-        if principal is not None:
+    async def find_principal(self, token_hash: bytes, *, fresh: bool = False) -> Principal | None:
+        """See `SessionStore.find_principal` (served from the cache unless `fresh`)."""
+        generation = None if fresh else self._generation()
+        cache = self._cache
+        if generation is not None:
+            if generation != cache.generation:
+                cache = self._cache = PrincipalCache(generation)
+            cached = cache.by_token.get(token_hash)
+            if cached is not None:
+                return self._with_unwritten_touch(cached)
+        principal = await self._read(sessions.find_principal, token_hash)
+        if principal is None:
+            return None
+        # Labelled with the generation read before the row: if anything changed in
+        # between, the next lookup sees a newer generation and drops it.
+        if generation is not None and self._cache is cache:
             cache.add(token_hash, principal)
-        return principal
+        return self._with_unwritten_touch(principal)
 
     async def touch_session(self, session_id: str, *, last_seen_ms: int) -> None:
-        """Move `last_seen_ms` forward (never back); forgets only this session's cache entry."""
-        with self._transaction(forget_principals=False) as conn:
-            sessions.touch_session(conn, session_id, last_seen_ms=last_seen_ms)
-        cache: PrincipalCache | None = getattr(self._local, "principals", None)
-        if cache is not None:
-            cache.forget_session(session_id)
+        """Move `last_seen_ms` forward (never back). Never fails: a write that cannot be
+        made now is kept and retried, and this process's lookups see it meanwhile."""
+        self._cache.forget_session(session_id)
+        pending = self._unwritten_touches
+        pending[session_id] = max(pending.get(session_id, 0), last_seen_ms)
+        if self._touch_retry is not None and not self._touch_retry.done():
+            return  # the retry loop will write it
+        try:
+            await self._write_touches(TOUCH_WAIT_MS)
+        except Unavailable:
+            self._touch_retry = asyncio.get_running_loop().create_task(self._retry_touches())
+
+    async def _write_touches(self, wait_ms: int) -> None:
+        batch = dict(self._unwritten_touches)
+        await self._submit(
+            self._writer, sessions.touch_sessions, (batch,), {}, write=True, wait_ms=wait_ms
+        )
+        for session_id, at in batch.items():
+            if self._unwritten_touches.get(session_id) == at:
+                del self._unwritten_touches[session_id]
+
+    async def _retry_touches(self) -> None:
+        while self._unwritten_touches:
+            await asyncio.sleep(TOUCH_RETRY_S)
+            with contextlib.suppress(Unavailable):
+                await self._write_touches(self._busy_timeout_ms)
 
     async def revoke_session(
         self,
@@ -279,32 +485,63 @@ class SQLiteStore:
 
     # Operations
 
-    async def probe(self) -> str:
-        """ "" when the database is reachable, writable and fully migrated; else the problem."""
+    async def probe(self, *, now_ms: int) -> str:
+        """ "" when the database takes a real write and is fully migrated; else the problem."""
+        if self.damage:
+            return f"damaged: {self.damage}"
         try:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("ROLLBACK")
-            applied = applied_migrations(conn)
-        except sqlite3.Error as exc:
-            return f"database unavailable: {exc}"
+            await self._write(_write_probe, now_ms)
+            applied = await self._read(applied_migrations)
+        except Unavailable as exc:
+            return f"unavailable ({exc.reason}): {exc.message}"
         missing = [name for name in known_migrations() if name not in applied]
         return f"pending migrations: {', '.join(missing)}" if missing else ""
 
-    def count_live_sessions(self, *, now_ms: int, idle_cutoff_ms: int) -> int:
+    async def count_live_sessions(self, *, now_ms: int, idle_cutoff_ms: int) -> int:
         """How many sessions are live (for the active-sessions gauge)."""
-        return sessions.count_live_sessions(
-            self._conn, now_ms=now_ms, idle_cutoff_ms=idle_cutoff_ms
+        return await self._read(
+            sessions.count_live_sessions, now_ms=now_ms, idle_cutoff_ms=idle_cutoff_ms
         )
 
-    def checkpoint(self) -> None:
-        """Fold the write-ahead log into the database file (at shutdown and before backups)."""
-        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    async def checkpoint(self) -> None:
+        """Fold the write-ahead log into the database file (before backups and at shutdown)."""
+        await self._submit(self._writer, _checkpoint, (), {}, write=False)
 
     def close(self) -> None:
-        """Close every connection this store opened (call once, at shutdown)."""
+        """Write what is left, stop the threads and close every connection (once, at exit)."""
+        if self._unwritten_touches and not self.damage:
+            batch = dict(self._unwritten_touches)
+            with contextlib.suppress(Exception):
+                self._writer.submit(
+                    self._run,
+                    sessions.touch_sessions,
+                    (batch,),
+                    {},
+                    write=True,
+                    deadline=time.monotonic() + self._busy_timeout_ms / 1000,
+                ).result()
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        self._close_loop_conn()
         with self._lock:
             for conn in self._all:
-                conn.close()
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
             self._all.clear()
         self._local = threading.local()
+
+
+def _write_probe(conn: sqlite3.Connection, now_ms: int) -> None:
+    conn.execute("UPDATE write_probe SET at_ms = ? WHERE id = 1", (now_ms,))
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+DAMAGED = Failure(
+    "damaged",
+    "the server's database is damaged and must be restored by an operator; try again later",
+    60,
+    damaged=True,
+)

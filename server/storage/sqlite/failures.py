@@ -1,0 +1,133 @@
+"""What a SQLite error means for clients and operators: a kind, a message, what to do.
+
+Failures of the database are the dependency's, not ours, so clients get
+`unavailable` with a message that says what is wrong in words they can act on
+(retry later) and a Retry-After, never `internal` and never SQLite's own text.
+A full disk is `unavailable` too, not `resource_exhausted`: the client can do
+nothing about it, and clients (ours included) read `resource_exhausted` as "you
+are rate-limited". Operators get one log line when an incident starts and one
+when it is over, with the count of failed calls in between, and a metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+from server.domain.errors import Unavailable
+
+log = logging.getLogger("expense_auth.storage")
+
+# SQLite's primary result codes (the low byte of the extended code).
+_BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB, _PERM = (
+    5,
+    6,
+    8,
+    10,
+    11,
+    13,
+    14,
+    26,
+    3,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A classified storage failure.
+
+    Attributes:
+        kind: `busy`, `disk_full`, `read_only`, `io`, `damaged` or `error` (metrics, logs).
+        message: For the client.
+        retry_after_s: For the client's Retry-After.
+        reconnect: The connection may be stale (file replaced, permissions changed):
+            open a new one for the next call.
+        damaged: The file itself is bad; an operator must restore it.
+    """
+
+    kind: str
+    message: str
+    retry_after_s: int
+    reconnect: bool = False
+    damaged: bool = False
+
+    def error(self) -> Unavailable:
+        """The domain error clients get for this failure."""
+        return Unavailable(self.message, reason=self.kind, retry_after_s=self.retry_after_s)
+
+
+BUSY = Failure(
+    "busy", "the database is busy (another process holds its lock); try again shortly", 1
+)
+
+
+def classify(exc: sqlite3.Error) -> Failure:
+    """The meaning of a SQLite error raised by a store call."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code in (_BUSY, _LOCKED):
+        return BUSY
+    if code == _FULL:
+        return Failure(
+            "disk_full",
+            "the server's disk is full, so nothing can be saved; try again later",
+            30,
+        )
+    if code == _READONLY:
+        return Failure(
+            "read_only",
+            "the server's database cannot be written right now; try again later",
+            10,
+            reconnect=True,
+        )
+    if code in (_CORRUPT, _NOTADB):
+        return Failure(
+            "damaged",
+            "the server's database is damaged and must be restored by an operator; try again later",
+            60,
+            reconnect=True,
+            damaged=True,
+        )
+    if code in (_IOERR, _CANTOPEN, _PERM):
+        return Failure(
+            "io",
+            "the server cannot read or write its database right now; try again later",
+            10,
+            reconnect=True,
+        )
+    return Failure("error", "the server's database failed; try again later", 5, reconnect=True)
+
+
+class Incidents:
+    """One log line when a kind of failure starts and one when it is over; counts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+        self.counts: Counter[str] = Counter()
+
+    def failed(self, failure: Failure, exc: BaseException | None) -> None:
+        """Count a failed call; log the start of an incident of its kind."""
+        with self._lock:
+            self.counts[failure.kind] += 1
+            started = failure.kind not in self._open
+            self._open[failure.kind] = self._open.get(failure.kind, 0) + 1
+        if started:
+            log.error(
+                "storage incident started",
+                extra={
+                    "kind": failure.kind,
+                    "error": f"{type(exc).__name__}: {exc}"[:300] if exc else "",
+                },
+            )
+
+    def succeeded(self) -> None:
+        """A call succeeded: every open incident is over."""
+        if not self._open:
+            return
+        with self._lock:
+            ended, self._open = self._open, {}
+        for kind, failures in ended.items():
+            log.warning("storage incident over", extra={"kind": kind, "failed_calls": failures})
