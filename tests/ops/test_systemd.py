@@ -217,6 +217,12 @@ def home_paths() -> list[str]:
     return sorted(str(p) for p in needed if p.parts[1:2] in (("root",), ("home",)))
 
 
+def under_tmp() -> bool:
+    """Whether the checkout (its .venv included) is under /tmp, which PrivateTmp= hides."""
+    repo = REPO.resolve()
+    return repo.is_relative_to("/tmp") or repo.is_relative_to("/var/tmp")  # noqa: S108
+
+
 STOP_RECORD = "stopped-with"
 
 
@@ -233,6 +239,8 @@ def drop_in(log: Path) -> str:
     ]
     if paths := home_paths():
         lines += ["ProtectHome=tmpfs", f"BindReadOnlyPaths={' '.join(paths)}"]
+    if under_tmp():
+        lines += ["PrivateTmp=no"]  # a checkout under /tmp (as CI's may be)
     return "\n".join(lines) + "\n"
 
 
@@ -442,12 +450,16 @@ def test_the_service_under_systemd(booted: Booted, google: FakeGoogle) -> None:
     # The command docs/operations.md gives for backups, as the service user. Without
     # its --wait --pipe, which need D-Bus (not running here); the rest is the same.
     before = value(booted.admin_url, "expense_auth_backup_last_success_timestamp_seconds")
-    here = ["-p", "ProtectHome=tmpfs", "-p", f"BindReadOnlyPaths={' '.join(home_paths())}"]
+    here: list[str] = []
+    if home_paths():
+        here += ["-p", "ProtectHome=tmpfs", "-p", f"BindReadOnlyPaths={' '.join(home_paths())}"]
+    if under_tmp():
+        here += ["-p", "PrivateTmp=no"]
     manual = booted.nsenter(
         "systemd-run", "--quiet", "-p", "User=expense-auth",
         "-p", f"EnvironmentFile={booted.environment}",
         "-p", "Environment=DATA_DIR=/var/lib/expense-auth",
-        *(here if home_paths() else []),  # as in drop_in(): this machine's Python
+        *here,  # as in drop_in(): this machine's Python, a checkout under /tmp
         str(BIN / "expense-auth"), "backup", "/var/lib/expense-auth/backups/manual.db",
     )  # fmt: skip
     assert manual.returncode == 0, manual.stdout + manual.stderr
