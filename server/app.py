@@ -47,7 +47,7 @@ from server.domain.errors import Unavailable
 from server.domain.retention import Retention, RetentionPolicy
 from server.domain.sessions import SessionPolicy, Sessions
 from server.domain.signin import SignIns
-from server.domain.throttle import POLICIES, Throttle
+from server.domain.throttle import FAIL_OPEN, POLICIES, Throttle
 from server.domain.users import Users
 from server.edge.middleware import with_edge
 from server.edge.router import PlainResponse, Route, Router
@@ -72,7 +72,7 @@ from server.rpc.user import UserService
 from server.rpc.user_agent import warm_up
 from server.runtime.receive_fix import ReceiveAfterBodyFix
 from server.storage.files import private_dir
-from server.storage.limits import counter_from_url, parse_limits
+from server.storage.limits import Counters, parse_limits
 from server.storage.sqlite import SQLiteStore, check_schema
 
 # Requests to this API are tiny (the largest is a ~1.5 KB ID token); refusing
@@ -212,15 +212,19 @@ def create_app(
     dev = DevIssuer.load_or_create(config.data_dir) if config.dev_identity else None
     verifier = identity or build_verifier(config, clock=clock, dev=dev)
     warm_up()
+    counters = Counters(config.rate_limit_storage_url, clock=clock, fail_open=FAIL_OPEN)
     throttle = Throttle(
-        counter_from_url(config.rate_limit_storage_url, clock=clock),
+        counters.counter,
         {name: parse_limits(getattr(config, f"rate_limit_{name}")) for name in POLICIES},
     )
     audit_log = Audit(store, clock=clock)
     metrics = Metrics()
     readiness = Readiness(
         store,
-        verifier,
+        dependencies={
+            "identity_keys": lambda: _keys_status(verifier),
+            "rate_limit_storage": counters.status,
+        },
         shutdown_marker=shutdown_marker,
         clock=clock,
         on_check=metrics.readiness_checks.inc,
@@ -229,6 +233,7 @@ def create_app(
         ScrapeTime(
             old_key_verifications=lambda: signer.old_key_verifications,
             storage_errors=lambda: store.incidents.counts,
+            rate_limit_storage_errors=lambda: counters.errors,
         )
     )
     metrics.track_active_sessions(
@@ -236,7 +241,7 @@ def create_app(
             now_ms=clock.now_ms(), idle_cutoff_ms=clock.now_ms() - policy.idle_ms
         )
     )
-    metrics.track_readiness(readiness.checks)
+    metrics.track_readiness(readiness.checks, readiness.dependencies)
     metrics.last_backup.set_function(lambda: last_success(config.data_dir))
     metrics.session_max_age.set(config.session_max_age_seconds)
 
@@ -362,6 +367,12 @@ def _closer(store: SQLiteStore) -> Callable[[], Awaitable[None]]:
         await asyncio.to_thread(store.close)
 
     return close
+
+
+async def _keys_status(verifier: IdTokenVerifier) -> str:
+    if await verifier.keys_available():
+        return "ok"
+    return "unavailable: no keys to verify ID tokens (GOOGLE_CERTS_URL unreachable, none cached)"
 
 
 def _constant(response: PlainResponse) -> Route:

@@ -40,6 +40,13 @@ POLICIES = (
     EXPORT_PER_USER,
 )
 
+# When the shared counter storage (Redis) fails, each limit decides: these may
+# pass everything for the outage (they keep one signed-in user from hogging the
+# server, which the global limit also bounds), while every other limit counts in
+# this process's memory instead: sign-in and failed sign-ins are never an open
+# door, and nothing becomes an outage (docs/security.md, "When Redis fails").
+FAIL_OPEN = frozenset({PER_SESSION, PER_USER})
+
 
 @functools.lru_cache(maxsize=4096)
 def network_key(ip: str, ipv6_prefix: int) -> str:

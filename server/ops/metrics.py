@@ -37,9 +37,11 @@ class ScrapeTime(Collector):
         *,
         old_key_verifications: Callable[[], int],
         storage_errors: Callable[[], Mapping[str, int]],
+        rate_limit_storage_errors: Callable[[], int],
     ) -> None:
         self._old_key = old_key_verifications
         self._storage_errors = storage_errors
+        self._limit_errors = rate_limit_storage_errors
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """Produce the metrics."""
@@ -57,6 +59,12 @@ class ScrapeTime(Collector):
         for kind, count in sorted(self._storage_errors().items()):
             errors.add_metric([kind], count)
         yield errors
+        yield CounterMetricFamily(
+            "expense_auth_rate_limit_storage_errors",
+            "Rate-limit calls that the shared storage (Redis) failed or did not answer in "
+            "time; each fell back to this process's own counts or passed.",
+            value=self._limit_errors(),
+        )
 
 
 class Metrics:
@@ -97,6 +105,13 @@ class Metrics:
             ["check"],
             registry=self.registry,
         )
+        self.dependency_up = Gauge(
+            "expense_auth_dependency_up",
+            "1 when a dependency that does not gate readiness works (identity_keys: keys to "
+            "verify Google ID tokens; rate_limit_storage: the shared limit counters), else 0.",
+            ["dependency"],
+            registry=self.registry,
+        )
         self.last_backup = Gauge(
             "expense_auth_backup_last_success_timestamp_seconds",
             "Unix time of the last verified backup (scheduled or `expense-auth backup`); "
@@ -126,12 +141,19 @@ class Metrics:
 
         self._before_scrape.append(refresh)
 
-    def track_readiness(self, checks: Callable[[], Awaitable[Mapping[str, str]]]) -> None:
-        """Refresh the readiness gauges from `checks` (as /readyz reports them) at each scrape."""
+    def track_readiness(
+        self,
+        checks: Callable[[], Awaitable[Mapping[str, str]]],
+        dependencies: Callable[[], Awaitable[Mapping[str, str]]],
+    ) -> None:
+        """Refresh the readiness and dependency gauges (as /readyz reports them) at each
+        scrape."""
 
         async def refresh() -> None:
             for check, result in (await checks()).items():
                 self.readiness.labels(check).set(1 if result == "ok" else 0)
+            for dependency, state in (await dependencies()).items():
+                self.dependency_up.labels(dependency).set(1 if state == "ok" else 0)
 
         self._before_scrape.append(refresh)
 

@@ -1,8 +1,10 @@
 """Liveness and readiness, for load balancers and orchestrators.
 
-`/healthz` says the process answers. `/readyz` (and grpc.health.v1) says it
-should get traffic: the database is reachable, writable and migrated, keys to
-verify ID tokens are at hand, and shutdown has not begun. Shutdown is signalled
+`/healthz` says the process answers (it touches nothing else, so it answers in
+milliseconds whatever the database does). `/readyz` (and grpc.health.v1) says
+it should get traffic: the database takes a real write and is migrated, and
+shutdown has not begun; it also reports, without gating on them, Google's keys
+and the rate-limit storage. Shutdown is signalled
 by the serving process (which receives SIGTERM) through a marker file, because
 the app runs in Envoy's process, where Python cannot install signal handlers.
 """
@@ -10,7 +12,8 @@ the app runs in Envoy's process, where Python cannot install signal handlers.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -18,6 +21,13 @@ from starlette.types import Scope
 
 from server.domain.clock import Clock
 from server.edge.router import PlainResponse
+
+
+@dataclass(frozen=True, slots=True)
+class _Report:
+    checks: dict[str, str]
+    dependencies: dict[str, str]
+
 
 # The environment variable through which `expense-auth serve` tells the app
 # (in Envoy's process) where the shutdown marker file will appear.
@@ -33,16 +43,19 @@ class StoreProbe(Protocol):
         ...
 
 
-class KeySource(Protocol):
-    """Something that can tell whether ID-token keys are available."""
-
-    async def keys_available(self) -> bool:
-        """True when at least one issuer's keys are at hand."""
-        ...
+# A dependency's state: "ok", or what is wrong with it (it does not gate readiness).
+DependencyCheck = Callable[[], Awaitable[str]]
 
 
 class Readiness:
     """Computes the readiness checks, at most once per `max_age_s` for all callers.
+
+    Readiness is the truth about serving: it fails when shutdown has begun or the
+    database does not take a real write (full disk, read-only file, a lock held
+    too long, a damaged file). Dependencies whose failure leaves the service
+    serving are reported beside it without gating it: Google's certs (every
+    existing session still works, and a Google outage during a rollout must not
+    mark every replica unready) and the rate-limit storage (limits fall back).
 
     /readyz, Health/Check and every Health/Watch stream share one computation:
     probes from many load balancers (or a flood of them) cost one database probe
@@ -52,8 +65,8 @@ class Readiness:
     def __init__(
         self,
         store: StoreProbe,
-        keys: KeySource,
         *,
+        dependencies: Mapping[str, DependencyCheck],
         shutdown_marker: Path | None,
         clock: Clock,
         max_age_s: float = 1.0,
@@ -63,12 +76,12 @@ class Readiness:
         self._store = store
         self._clock = clock
         self._on_check = on_check
-        self._keys = keys
+        self._dependencies = dict(dependencies)
         self._marker = shutdown_marker
         self._max_age_s = max_age_s
         self._poll_s = poll_s
-        self._cached: tuple[int, dict[str, str]] | None = None
-        self._computing: asyncio.Task[dict[str, str]] | None = None
+        self._cached: tuple[int, _Report] | None = None
+        self._computing: asyncio.Task[_Report] | None = None
         self._watchers = 0
         self._watched: bool | None = None
         self._changed = asyncio.Event()
@@ -80,30 +93,34 @@ class Readiness:
         return self._marker is not None and self._marker.exists()
 
     async def checks(self) -> dict[str, str]:
-        """Each check's result: "ok" or what is wrong."""
-        shutdown = {"shutdown": "draining" if self.draining else "ok"}
+        """Each gating check's result: "ok" or what is wrong."""
+        return {"shutdown": "draining" if self.draining else "ok"} | (await self._report()).checks
+
+    async def dependencies(self) -> dict[str, str]:
+        """Each dependency's state: "ok" or what is wrong (not gating)."""
+        return dict((await self._report()).dependencies)
+
+    async def _report(self) -> _Report:
         cached = self._cached
         if (
             cached is not None
             and 0 <= self._clock.monotonic_ms() - cached[0] < self._max_age_s * 1000
         ):
-            return shutdown | cached[1]
+            return cached[1]
         if self._computing is None:
             self._computing = asyncio.get_running_loop().create_task(self._compute())
         # Shielded: a caller that goes away does not cancel the others' answer.
-        return shutdown | await asyncio.shield(self._computing)
+        return await asyncio.shield(self._computing)
 
-    async def _compute(self) -> dict[str, str]:
+    async def _compute(self) -> _Report:
         if self._on_check is not None:
             self._on_check()
         try:
             store_problem = await self._store.probe(now_ms=self._clock.now_ms())
-            result = {
-                "database": store_problem or "ok",
-                "identity_keys": "ok" if await self._keys.keys_available() else "unavailable",
-            }
-            self._cached = (self._clock.monotonic_ms(), result)
-            return result
+            dependencies = {name: await check() for name, check in self._dependencies.items()}
+            report = _Report(checks={"database": store_problem or "ok"}, dependencies=dependencies)
+            self._cached = (self._clock.monotonic_ms(), report)
+            return report
         finally:
             self._computing = None
 
@@ -136,11 +153,17 @@ class Readiness:
         self._watched = None
 
     async def readyz(self, scope: Scope) -> PlainResponse:
-        """The `/readyz` answer: 200 when ready, 503 with the failing checks otherwise."""
+        """The `/readyz` answer: 200 when ready, 503 with the failing checks otherwise;
+        the dependencies' states in both."""
         checks = await self.checks()
         ready = all(v == "ok" for v in checks.values())
         return PlainResponse.json(
-            200 if ready else 503, {"status": "ready" if ready else "not_ready", "checks": checks}
+            200 if ready else 503,
+            {
+                "status": "ready" if ready else "not_ready",
+                "checks": checks,
+                "dependencies": await self.dependencies(),
+            },
         )
 
 

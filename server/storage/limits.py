@@ -10,11 +10,16 @@ unlike fixed windows), with two counters per key.
   Windows are measured on the monotonic clock, so a wall-clock step changes
   nothing.
 - `redis://host:port`: `limits`' Redis storage and strategy, shared by every
-  replica.
+  replica, behind `FallbackCounter`: each call has a deadline of milliseconds,
+  and while Redis fails or is slow, each limit counts in memory or passes, as
+  the domain's policy says (`server.domain.throttle.FAIL_OPEN`); Redis is tried
+  again a second later, so the service recovers by itself.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import threading
 import time
@@ -26,6 +31,13 @@ from limits.storage import storage_from_string
 
 from server.domain.clock import Clock
 from server.domain.throttle import Limit, WindowCounter
+
+log = logging.getLogger("expense_auth.limits")
+
+# Redis is a few milliseconds away; a call it does not answer in this long is a
+# failure (a stopped or overloaded Redis must not hold calls).
+REDIS_TIMEOUT_S = 0.1
+REDIS_RETRY_S = 1.0
 
 
 def parse_limits(spec: str) -> tuple[Limit, ...]:
@@ -124,8 +136,11 @@ class MemoryCounter:
 class RedisCounter:
     """Counts in Redis (or Valkey), through `limits`' storage and strategy."""
 
-    def __init__(self, url: str) -> None:
-        self._limiter = SlidingWindowCounterRateLimiter(storage_from_string(f"async+{url}"))
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        storage = storage_from_string(
+            f"async+{url}", connect_timeout=timeout_s, stream_timeout=timeout_s
+        )
+        self._limiter = SlidingWindowCounterRateLimiter(storage)
 
     async def hit(
         self, slot: tuple[str, int], limit: Limit, key: str, *, count: bool, refuse: bool
@@ -144,9 +159,104 @@ class RedisCounter:
         return max(1, math.ceil(stats.reset_time - time.time()))
 
 
-def counter_from_url(url: str, *, clock: Clock) -> WindowCounter:
+class FallbackCounter:
+    """Redis first; while it fails, limits count in memory or pass (`fail_open`).
+
+    A failure (an error, or no answer within `timeout_s`) is logged once per
+    outage and counted; for `retry_s` after it, calls do not wait for Redis at
+    all. The first call that Redis answers again ends the outage.
+    """
+
+    def __init__(
+        self,
+        redis: WindowCounter,
+        memory: WindowCounter,
+        *,
+        fail_open: frozenset[str],
+        clock: Clock,
+        timeout_s: float = REDIS_TIMEOUT_S,
+        retry_s: float = REDIS_RETRY_S,
+    ) -> None:
+        self._redis = redis
+        self._memory = memory
+        self._fail_open = fail_open
+        self._clock = clock
+        self._timeout_s = timeout_s
+        self._retry_ms = int(retry_s * 1000)
+        self._skip_until_ms = 0
+        self._down_since_ms: int | None = None
+        self.errors = 0
+
+    async def hit(
+        self, slot: tuple[str, int], limit: Limit, key: str, *, count: bool, refuse: bool
+    ) -> int | None:
+        """See `WindowCounter.hit`."""
+        if self._clock.monotonic_ms() >= self._skip_until_ms:
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    result = await self._redis.hit(slot, limit, key, count=count, refuse=refuse)
+            except Exception as exc:
+                self._failed(exc)
+            else:
+                self._recovered()
+                return result
+        if slot[0] in self._fail_open:
+            return None
+        return await self._memory.hit(slot, limit, key, count=count, refuse=refuse)
+
+    def status(self) -> str:
+        """ "ok", or how the limits work while the storage is down."""
+        if self._down_since_ms is None:
+            return "ok"
+        seconds = (self._clock.monotonic_ms() - self._down_since_ms) // 1000
+        return (
+            f"degraded: the rate-limit storage has not answered for {seconds} s; sign-in and "
+            "other limits count in this process, per-session and per-user limits are off"
+        )
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        now = self._clock.monotonic_ms()
+        self._skip_until_ms = now + self._retry_ms
+        if self._down_since_ms is None:
+            self._down_since_ms = now
+            log.error(
+                "rate-limit storage unavailable; limits fall back to this process",
+                extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
+            )
+
+    def _recovered(self) -> None:
+        if self._down_since_ms is not None:
+            seconds = (self._clock.monotonic_ms() - self._down_since_ms) / 1000
+            self._down_since_ms = None
+            log.warning("rate-limit storage is back", extra={"outage_s": round(seconds, 1)})
+
+
+class Counters:
+    """The counter for RATE_LIMIT_STORAGE_URL, and how it is doing."""
+
+    def __init__(self, url: str, *, clock: Clock, fail_open: frozenset[str]) -> None:
+        url = url.removeprefix("async+")
+        memory = MemoryCounter(now=lambda: clock.monotonic_ms() / 1000)
+        self.fallback: FallbackCounter | None = None
+        self.counter: WindowCounter = memory
+        if not url.startswith("memory://"):
+            redis = RedisCounter(url, timeout_s=REDIS_TIMEOUT_S)
+            self.fallback = FallbackCounter(redis, memory, fail_open=fail_open, clock=clock)
+            self.counter = self.fallback
+
+    async def status(self) -> str:
+        """ "ok", or how the limits work while Redis is down (a readiness dependency)."""
+        return "ok" if self.fallback is None else self.fallback.status()
+
+    @property
+    def errors(self) -> int:
+        """Calls that Redis failed or did not answer in time."""
+        return 0 if self.fallback is None else self.fallback.errors
+
+
+def counter_from_url(
+    url: str, *, clock: Clock, fail_open: frozenset[str] = frozenset()
+) -> WindowCounter:
     """The counter for RATE_LIMIT_STORAGE_URL (`memory://` or `redis://host:port`)."""
-    url = url.removeprefix("async+")
-    if url.startswith("memory://"):
-        return MemoryCounter(now=lambda: clock.monotonic_ms() / 1000)
-    return RedisCounter(url)
+    return Counters(url, clock=clock, fail_open=fail_open).counter

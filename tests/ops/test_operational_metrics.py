@@ -14,6 +14,7 @@ from tests.support.server import BIN, RunningServer, start_server
 
 LAST_BACKUP = "expense_auth_backup_last_success_timestamp_seconds"
 READINESS = "expense_auth_readiness_check"
+DEPENDENCY = "expense_auth_dependency_up"
 
 
 def closed_port() -> int:
@@ -46,7 +47,9 @@ def wait_for(admin_url: str, name: str, predicate: float, *, timeout_s: float = 
     return current
 
 
-def test_readiness_checks_are_exported_one_by_one(tmp_path: Path, google: FakeGoogle) -> None:
+def test_readiness_checks_and_dependencies_are_exported_one_by_one(
+    tmp_path: Path, google: FakeGoogle
+) -> None:
     (tmp_path / "ready").mkdir()
     (tmp_path / "keyless").mkdir()
     ready = start_server(tmp_path / "ready", server_env(google))
@@ -59,10 +62,14 @@ def test_readiness_checks_are_exported_one_by_one(tmp_path: Path, google: FakeGo
         ),
     )
     try:
-        for check in ("shutdown", "database", "identity_keys"):
+        for check in ("shutdown", "database"):
             assert value(ready.admin_url, READINESS, check=check) == 1, check
-        assert value(keyless.admin_url, READINESS, check="identity_keys") == 0
-        assert value(keyless.admin_url, READINESS, check="database") == 1
+            assert value(keyless.admin_url, READINESS, check=check) == 1, check
+        for dependency in ("identity_keys", "rate_limit_storage"):
+            assert value(ready.admin_url, DEPENDENCY, dependency=dependency) == 1, dependency
+        # Without Google's keys the server still serves: a dependency, not a check.
+        assert value(keyless.admin_url, DEPENDENCY, dependency="identity_keys") == 0
+        assert value(keyless.admin_url, READINESS, check="identity_keys") is None
     finally:
         assert ready.stop() == 0, ready.logs()
         assert keyless.stop() == 0, keyless.logs()

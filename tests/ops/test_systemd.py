@@ -440,7 +440,7 @@ def test_the_service_under_systemd(booted: Booted, google: FakeGoogle) -> None:
     nonce = browser.call(browser.auth.create_sign_in_nonce, CreateSignInNonceRequest()).nonce
     browser.sign_in(google.token(sub="systemd-1", email="systemd-1@example.com", nonce=nonce))
     browser.call(browser.auth.get_session, GetSessionRequest())
-    assert value(booted.admin_url, "expense_auth_readiness_check", check="identity_keys") == 1
+    assert value(booted.admin_url, "expense_auth_dependency_up", dependency="identity_keys") == 1
     assert value(booted.admin_url, "process_start_time_seconds") is not None
     database = booted.state / "expense-auth" / "expense-auth.db"
     assert database.stat().st_uid == SERVICE_UID
