@@ -18,7 +18,7 @@ from server.ops.backup_status import record_success
 from server.ops.readiness import SHUTDOWN_MARKER_ENV
 from server.storage.backup import BackupError, backup, restore
 from server.storage.files import UMASK, open_to_others, private_dir, tighten_database
-from server.storage.sqlite import SchemaTooNew, check_schema, migrate
+from server.storage.sqlite import SchemaTooNew, check_integrity, check_schema, migrate
 
 log = logging.getLogger("expense_auth.cli")
 
@@ -128,15 +128,39 @@ def _backup(config: Config, dest: Path) -> int:
 
 
 def _restore(config: Config, src: Path) -> int:
-    reapplied = restore(src, config.sqlite_path)
-    print(f"restored {src}; account deletions re-applied: {reapplied}")
+    restored = restore(src, config.sqlite_path)
+    if restored.moved_aside is not None:
+        print(f"the current database was damaged; moved aside to {restored.moved_aside}")
+    if restored.deletions_unknown:
+        print(
+            "warning: the damaged database's deletion log could not be read: accounts "
+            "deleted after the backup was taken may be back",
+            file=sys.stderr,
+        )
+    print(f"restored {src}; account deletions re-applied: {restored.reapplied}")
     _migrate(config)  # an older backup may predate migrations
     return 0
+
+
+def _refuse_damaged(config: Config) -> bool:
+    """Print why, and True, when the database file is damaged (SQLite would serve it)."""
+    problem = check_integrity(config.sqlite_path)
+    if problem == "ok":
+        return False
+    print(
+        f"expense-auth: the database {config.sqlite_path} is damaged ({problem[:300]}); "
+        "restore the latest backup with `expense-auth restore BACKUP` (the damaged file "
+        "is moved aside, not deleted)",
+        file=sys.stderr,
+    )
+    return True
 
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
     from server.runtime.serve import AdminListener, PortInUse, StartupError, serve
 
+    if _refuse_damaged(config):
+        return 2
     if not args.no_migrate:
         _migrate(config)
     elif pending := check_schema(config.sqlite_path):
@@ -213,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         match args.command:
             case "migrate":
+                if _refuse_damaged(config):
+                    return 2
                 _migrate(config)
                 return 0
             case "dev-token":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from server.domain.models import subject_hash
@@ -81,10 +82,28 @@ def prune(directory: Path, *, keep: int) -> list[Path]:
     return doomed
 
 
-def restore(src: Path, db_path: Path) -> int:
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What a restore did.
+
+    Attributes:
+        reapplied: Accounts deleted again (deleted after the backup was taken).
+        moved_aside: Where the damaged database went (kept for forensics), if it was.
+        deletions_unknown: The damaged file's deletion log could not be read, so
+            accounts deleted after the backup may be back: check with support records.
+    """
+
+    reapplied: int
+    moved_aside: Path | None = None
+    deletions_unknown: bool = False
+
+
+def restore(src: Path, db_path: Path) -> Restored:
     """Replace the database with the backup `src`, then re-apply later deletions.
 
-    Returns the number of accounts deleted again. The server must be stopped.
+    A current database that fails its integrity check (or is not a database at
+    all) is moved aside with its -wal and -shm, and its deletion log is read if
+    it can be. The server must be stopped.
 
     Raises:
         BackupError: The backup is unusable.
@@ -93,24 +112,47 @@ def restore(src: Path, db_path: Path) -> int:
     if result != "ok":
         raise BackupError(f"{src} failed its integrity check: {result}")
     deletions: list[tuple[str, int]] = []
+    moved: Path | None = None
+    unknown = False
     if db_path.exists():
-        with sqlite3.connect(db_path) as current:
-            has_log = current.execute(
-                "SELECT 1 FROM sqlite_master WHERE name = 'deleted_accounts'"
-            ).fetchone()
-            if has_log:
-                deletions = list(
-                    current.execute("SELECT subject_hash, deleted_ms FROM deleted_accounts")
-                )
+        try:
+            deletions = _deletion_log(db_path)
+        except sqlite3.DatabaseError:
+            unknown = True
+        if unknown or integrity(db_path) != "ok":
+            moved = _move_aside(db_path)
     source = sqlite3.connect(f"file:{src}?mode=ro", uri=True)
     target = sqlite3.connect(db_path)
     try:
         source.backup(target)
         target.execute("PRAGMA journal_mode = WAL")
-        return _reapply(target, deletions)
+        reapplied = _reapply(target, deletions)
     finally:
         source.close()
         target.close()
+    return Restored(reapplied=reapplied, moved_aside=moved, deletions_unknown=unknown)
+
+
+def _deletion_log(db_path: Path) -> list[tuple[str, int]]:
+    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as current:
+        has_log = current.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'deleted_accounts'"
+        ).fetchone()
+        if not has_log:
+            return []
+        return list(current.execute("SELECT subject_hash, deleted_ms FROM deleted_accounts"))
+
+
+def _move_aside(db_path: Path) -> Path:
+    """Rename the database and its -wal/-shm to `<name>.damaged-<time>`; returns the new
+    name of the database."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = db_path.with_name(f"{db_path.name}.damaged-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        current = db_path.with_name(db_path.name + suffix)
+        if current.exists():
+            current.rename(aside.with_name(aside.name + suffix))
+    return aside
 
 
 def _reapply(conn: sqlite3.Connection, deletions: list[tuple[str, int]]) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from server.storage.sqlite.connection import (
     BUSY_TIMEOUT_MS,
     SchemaTooNew,
+    check_integrity,
     check_schema,
     connect,
     migrate,
@@ -16,6 +17,7 @@ __all__ = [
     "BUSY_TIMEOUT_MS",
     "SQLiteStore",
     "SchemaTooNew",
+    "check_integrity",
     "check_schema",
     "connect",
     "migrate",
