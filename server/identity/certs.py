@@ -10,15 +10,15 @@ Fetches run in a worker thread, one at a time, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-import google.auth.exceptions
-import google.auth.transport.urllib3
 import urllib3
 
 from server.domain.clock import Clock
@@ -26,7 +26,13 @@ from server.domain.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
+# The whole fetch, and each network read within it.
 FETCH_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 2.0
+# How long a readiness check waits for keys that are not cached yet.
+AVAILABLE_WAIT_S = 1.0
+# Google's certs document is a few kilobytes.
+MAX_CERTS_BYTES = 256 * 1024
 DEFAULT_MAX_AGE_S = 300
 MIN_REFETCH_INTERVAL_MS = 30_000
 # After a failed fetch: keep using stale keys this long before trying again, and
@@ -81,9 +87,12 @@ class HttpCerts:
         self._last_fetch_ms: int | None = None
         self._failed_until_ms = 0
         self._lock = asyncio.Lock()
-        # google-auth's urllib3 transport: the requests stack would cost memory
-        # for one GET every few hours (docs/benchmarks.md).
-        self._request = google.auth.transport.urllib3.Request(urllib3.PoolManager(retries=False))
+        # urllib3 itself (google-auth's urllib3 transport is a thin layer over it):
+        # the requests stack would cost memory for one GET every few hours
+        # (docs/benchmarks.md), and the body is read here under a size cap and a
+        # total deadline.
+        self._pool = urllib3.PoolManager(retries=False)
+        self._warming: asyncio.Task[None] | None = None
         self.fetch_count = 0
 
     async def certs(self, key_id: str | None) -> Mapping[str, str]:
@@ -107,7 +116,7 @@ class HttpCerts:
             self._last_fetch_ms = self._clock.monotonic_ms()
             try:
                 fetched = await asyncio.to_thread(self._fetch)
-            except (google.auth.exceptions.TransportError, ValueError, OSError) as exc:
+            except (ValueError, OSError) as exc:
                 now = self._clock.monotonic_ms()
                 if self._certs is not None:
                     log.warning(
@@ -127,14 +136,21 @@ class HttpCerts:
             return self._certs
 
     async def available(self) -> bool:
-        """Whether keys are cached, fetching them if none are (for readiness)."""
+        """Whether keys are cached, fetching them if none are (for readiness).
+
+        Waits at most AVAILABLE_WAIT_S for the fetch: a slow certs URL must not make
+        readiness slow; the fetch goes on, and a later check sees its result.
+        """
         if self._certs is not None:
             return True
-        try:
+        if self._warming is None or self._warming.done():
+            self._warming = asyncio.get_running_loop().create_task(self._warm())
+        done, _ = await asyncio.wait({self._warming}, timeout=AVAILABLE_WAIT_S)
+        return bool(done) and self._certs is not None
+
+    async def _warm(self) -> None:
+        with contextlib.suppress(Unavailable):
             await self.certs(None)
-        except Unavailable:
-            return False
-        return True
 
     def _usable(self, key_id: str | None) -> bool:
         if self._certs is None or self._clock.monotonic_ms() >= self._fresh_until_ms:
@@ -150,13 +166,51 @@ class HttpCerts:
         return self._clock.monotonic_ms() - self._last_fetch_ms >= MIN_REFETCH_INTERVAL_MS
 
     def _fetch(self) -> _Fetched:
+        """GET the certs, within FETCH_TIMEOUT_S in all and MAX_CERTS_BYTES of body.
+
+        A certs URL that is slow, drips its answer or sends a huge one costs at most
+        the deadline and the cap: every read is bounded, so this thread always ends.
+        """
         self.fetch_count += 1
-        response = self._request(self._url, method="GET", timeout=FETCH_TIMEOUT_S)
-        if response.status != 200:
-            raise google.auth.exceptions.TransportError(
-                f"certs URL answered HTTP {response.status}"
+        deadline = time.monotonic() + FETCH_TIMEOUT_S
+
+        def remaining() -> float:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the certs URL took more than {FETCH_TIMEOUT_S:g} s")
+            return min(left, READ_TIMEOUT_S)
+
+        try:
+            response = self._pool.request(
+                "GET",
+                self._url,
+                preload_content=False,
+                redirect=False,
+                timeout=urllib3.Timeout(connect=remaining(), read=remaining()),
             )
-        data = json.loads(response.data)
+        except urllib3.exceptions.HTTPError as exc:
+            raise OSError(f"cannot fetch the certs: {exc}") from None
+        try:
+            if response.status != 200:
+                raise OSError(f"certs URL answered HTTP {response.status}")
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > MAX_CERTS_BYTES:
+                raise ValueError(f"certs document of {declared} bytes is over the cap")
+            body = bytearray()
+            while True:
+                remaining()
+                try:
+                    chunk = response.read1(16 * 1024)
+                except urllib3.exceptions.HTTPError as exc:
+                    raise OSError(f"cannot read the certs: {exc}") from None
+                if not chunk:
+                    break
+                body += chunk
+                if len(body) > MAX_CERTS_BYTES:
+                    raise ValueError(f"certs document is over {MAX_CERTS_BYTES} bytes")
+        finally:
+            response.close()  # never returned to the pool half-read
+        data = json.loads(body)
         if not isinstance(data, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in data.items()
         ):
