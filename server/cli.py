@@ -196,6 +196,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
                 admin=admin,
                 shutdown_marker=marker,
                 https=config.https,
+                max_connections=config.max_connections,
             )
         )
     except (PortInUse, StartupError) as exc:

@@ -137,6 +137,7 @@ class Config(BaseModel):
     admin_port: int = Field(default=8081, ge=0, le=65535)
     admin_token: SecretStr | None = None
     drain_seconds: float = Field(default=10.0, ge=0, le=600)
+    max_connections: int = Field(default=4096, ge=1, le=1_000_000)
 
     @field_validator("google_client_id", "cors_allowed_origin", "trusted_proxies", mode="before")
     @classmethod

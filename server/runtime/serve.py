@@ -68,12 +68,26 @@ MAX_REQUEST_HEADERS_KB = 16
 # holding thousands of Health/Watch streams on one connection costs us each one.
 MAX_CONCURRENT_STREAMS = 100
 ADMIN_LISTENER = "admin_listener"
+# A client has this long to send all of a request's headers: connections that
+# trickle half a header (slowloris) are closed, not kept.
+REQUEST_HEADERS_TIMEOUT_S = 10
+# A connection with no request in flight is closed after this long. Longer than
+# the usual load balancer's keep-alive (60 s), so that the balancer, not we, ends
+# idle connections (the other way round it may send a request on a connection we
+# are closing).
+IDLE_TIMEOUT_S = 300
+# The default cap on open connections of the public port (MAX_CONNECTIONS); the
+# admin listener's own cap is small. Beyond a cap Envoy closes new connections;
+# the overload manager also caps the sum.
+MAX_CONNECTIONS = 4096
+ADMIN_MAX_CONNECTIONS = 64
 ENVOY_DRAIN_TIME_S = 1
 # Envoy's admin socket: read and write for the service's own user only.
 ADMIN_SOCKET_MODE = 0o600
 STARTUP_TIMEOUT_S = 30.0
 
 _HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
+_CONNECTION_LIMIT = "envoy.filters.network.connection_limit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,10 +184,12 @@ class _Server(PyvoyServer):
         *args: Any,
         tls: bool,
         https: bool,
+        max_connections: int,
         admin: AdminListener | None = None,
         **kwargs: Any,
     ) -> None:
         self._admin_listener = admin
+        self._max_connections = max_connections
         super().__init__(*args, **kwargs)
         self._tls = tls
         self._https = https
@@ -210,8 +226,29 @@ class _Server(PyvoyServer):
                 )
                 manager["http_filters"].insert(0, copy.deepcopy(_PATH_GUARD))
                 manager["local_reply_config"] = _local_reply_config(headers)
+                manager["request_headers_timeout"] = f"{REQUEST_HEADERS_TIMEOUT_S}s"
+                manager.setdefault("common_http_protocol_options", {})["idle_timeout"] = (
+                    f"{IDLE_TIMEOUT_S}s"
+                )
+        for listener in listeners:
+            _limit_connections(listener, self._max_connections)
         if self._admin_listener is not None:
-            listeners.append(_admin_listener(listeners[0], self._admin_listener))
+            admin = _admin_listener(listeners[0], self._admin_listener)
+            _limit_connections(admin, ADMIN_MAX_CONNECTIONS)
+            listeners.append(admin)
+        config["overload_manager"] = {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                        "downstream_connections.v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": self._max_connections
+                        + ADMIN_MAX_CONNECTIONS,
+                    },
+                }
+            ]
+        }
         return config
 
     async def _start(self) -> None:
@@ -312,6 +349,24 @@ def _managers(listener: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def _limit_connections(listener: dict[str, Any], limit: int) -> None:
+    """At most `limit` open connections on the listener: beyond, new ones are closed."""
+    for chain in listener.get("filter_chains", []):
+        chain["filters"] = [f for f in chain["filters"] if f["name"] != _CONNECTION_LIMIT]
+        chain["filters"].insert(
+            0,
+            {
+                "name": _CONNECTION_LIMIT,
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                    "connection_limit.v3.ConnectionLimit",
+                    "stat_prefix": f"{listener['name']}_connections",
+                    "max_connections": limit,
+                },
+            },
+        )
+
+
 def _admin_listener(public: dict[str, Any], admin: AdminListener) -> dict[str, Any]:
     """A copy of the public listener, plaintext, on the admin address, serving `admin.app`."""
     listener = copy.deepcopy(public)
@@ -375,6 +430,7 @@ async def serve(
     shutdown_marker: Path | None = None,
     ready_grace_seconds: float = 1.0,
     https: bool = False,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> int:
     """Serve `app` ("module:attr") until SIGTERM/SIGINT; returns the exit code.
 
@@ -432,6 +488,7 @@ async def serve(
         ],
         tls=bool(tls),
         https=https or bool(tls),
+        max_connections=max_connections,
         admin=admin,
         **tls,
     )
