@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import grpc
 import pytest
@@ -357,6 +357,8 @@ class Fuzz:
     cookie: str
     conn: Conn
     envoy: int
+    # Another user's session, never sent by any input: only a server fault can end it.
+    bystander: str = ""
     target: str = ""
     sent: int = 0
     warm_up: int = 0
@@ -375,6 +377,12 @@ class Fuzz:
         self.trend = []
         self.trend_every = max(1, examples // 10)
 
+    def carries_session(self, name: str, value: str | bytes) -> bool:
+        """Whether a header carries the fuzzing session's cookie value."""
+        real = self.cookie.split("=", 1)[1]
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        return name.lower() == "cookie" and real in text
+
     def counted(self) -> None:
         self.sent += 1
         if self.sent == self.warm_up:
@@ -386,8 +394,14 @@ class Fuzz:
     def send(
         self, method: str, path: str, body: bytes | None = None, headers: Headers = ()
     ) -> Reply:
-        """Send one request; fails on no answer or on a server fault."""
+        """Send one request; fails on no answer or on a server fault.
+
+        A SignOut never carries the fuzzing session's cookie: a valid one would end
+        the session every later input uses (and that the end of a target checks).
+        """
         self.counted()
+        if urlsplit(path).path == SIGN_OUT:
+            headers = [(k, v) for k, v in headers if not self.carries_session(k, v)]
         try:
             reply = self.conn.request(method, path, body, headers)
         except Dropped as exc:
@@ -414,6 +428,7 @@ class Fuzz:
         seconds = time.monotonic() - started
         end_kb = rss_kb(self.envoy)
         session = self.conn.connect_call(f"{AUTH}/GetSession", {}, cookie=self.cookie)
+        bystander = self.conn.connect_call(f"{AUTH}/GetSession", {}, cookie=self.bystander)
         self.figures.append(
             f"{target}: {self.sent} inputs in {seconds:.1f} s, "
             f"statuses {dict(sorted(self.statuses.items()))}, "
@@ -423,6 +438,7 @@ class Fuzz:
         print(f"\nfuzz {self.figures[-1]}")
         assert self.sent >= examples, f"hypothesis ran {self.sent} of {examples} inputs"
         assert session.status == 200, f"the fuzzing session was lost: {session}"
+        assert bystander.status == 200, f"another user's session was lost: {bystander}"
         assert (end_kb - self.baseline_kb) / self.baseline_kb < MAX_RSS_GROWTH
 
 
@@ -455,7 +471,14 @@ def fuzz(tmp_path_factory: pytest.TempPathFactory, google: FakeGoogle) -> Iterat
     server = start_server(tmp_path_factory.mktemp("fuzz"), env)
     conn = Conn(server.port)
     session = sign_in(conn, google.token(sub="fuzz-user", email="fuzz@example.com"))
-    yield Fuzz(server=server, cookie=session.cookie, conn=conn, envoy=envoy_pid(server))
+    bystander = sign_in(conn, google.token(sub="bystander", email="bystander@example.com"))
+    yield Fuzz(
+        server=server,
+        cookie=session.cookie,
+        conn=conn,
+        envoy=envoy_pid(server),
+        bystander=bystander.cookie,
+    )
     conn.close()
     assert server.stop() == 0, server.logs()[-3000:]
 

@@ -63,8 +63,9 @@ T = TypeVar("T")
 Query = Callable[Concatenate[sqlite3.Connection, P], T]
 
 READER_THREADS = 4
-# A last-seen write waits this long at most; if it cannot be made by then, the read
-# that caused it succeeds anyway and the write is retried in the background.
+# A read that moves a session's last-seen time waits this long at most for the
+# write; if it is not made by then, the read succeeds anyway and the write goes on
+# (and is retried) in the background.
 TOUCH_WAIT_MS = 250
 TOUCH_RETRY_S = 1.0
 # Errors of our own code (a constraint we violated, a bad statement): not the
@@ -97,7 +98,7 @@ class SQLiteStore:
         self._loop_conn: sqlite3.Connection | None = None
         self._cache = PrincipalCache(-1)
         self._unwritten_touches: dict[str, int] = {}
-        self._touch_retry: asyncio.Task[None] | None = None
+        self._touch_writer: asyncio.Task[None] | None = None
         self._files: tuple[int, int] | None = None
         self.incidents = Incidents()
         self.damage = ""
@@ -140,9 +141,8 @@ class SQLiteStore:
         kwargs: Mapping[str, object],
         *,
         write: bool,
-        wait_ms: int | None = None,
     ) -> T:
-        wait_s = (self._busy_timeout_ms if wait_ms is None else wait_ms) / 1000
+        wait_s = self._busy_timeout_ms / 1000
         deadline = time.monotonic() + wait_s
         future = pool.submit(self._run, query, args, kwargs, write=write, deadline=deadline)
         try:
@@ -323,32 +323,28 @@ class SQLiteStore:
         return self._with_unwritten_touch(principal)
 
     async def touch_session(self, session_id: str, *, last_seen_ms: int) -> None:
-        """Move `last_seen_ms` forward (never back). Never fails: a write that cannot be
-        made now is kept and retried, and this process's lookups see it meanwhile."""
+        """Move `last_seen_ms` forward (never back). Never fails, and waits at most
+        TOUCH_WAIT_MS: the write goes on in the background (retried while the database
+        refuses it), and this process's lookups see the new time meanwhile."""
         self._cache.forget_session(session_id)
         pending = self._unwritten_touches
         pending[session_id] = max(pending.get(session_id, 0), last_seen_ms)
-        if self._touch_retry is not None and not self._touch_retry.done():
-            return  # the retry loop will write it
-        try:
-            await self._write_touches(TOUCH_WAIT_MS)
-        except Unavailable:
-            self._touch_retry = asyncio.get_running_loop().create_task(self._retry_touches())
+        if self._touch_writer is None or self._touch_writer.done():
+            self._touch_writer = asyncio.get_running_loop().create_task(self._write_touches())
+        await asyncio.wait({self._touch_writer}, timeout=TOUCH_WAIT_MS / 1000)
 
-    async def _write_touches(self, wait_ms: int) -> None:
-        batch = dict(self._unwritten_touches)
-        await self._submit(
-            self._writer, sessions.touch_sessions, (batch,), {}, write=True, wait_ms=wait_ms
-        )
-        for session_id, at in batch.items():
-            if self._unwritten_touches.get(session_id) == at:
-                del self._unwritten_touches[session_id]
-
-    async def _retry_touches(self) -> None:
+    async def _write_touches(self) -> None:
+        """Write the pending last-seen times until none is left."""
         while self._unwritten_touches:
-            await asyncio.sleep(TOUCH_RETRY_S)
-            with contextlib.suppress(Unavailable):
-                await self._write_touches(self._busy_timeout_ms)
+            batch = dict(self._unwritten_touches)
+            try:
+                await self._write(sessions.touch_sessions, batch)
+            except Unavailable:
+                await asyncio.sleep(TOUCH_RETRY_S)
+                continue
+            for session_id, at in batch.items():
+                if self._unwritten_touches.get(session_id) == at:
+                    del self._unwritten_touches[session_id]
 
     async def revoke_session(
         self,
