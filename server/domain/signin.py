@@ -13,7 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from server.domain.audit import SIGN_IN, SIGN_IN_FAILED, Audit, Origin
-from server.domain.errors import DomainError, EmailNotVerified, RateLimited, Unauthenticated
+from server.domain.errors import (
+    DomainError,
+    EmailNotVerified,
+    RateLimited,
+    Unauthenticated,
+    Unavailable,
+)
 from server.domain.models import Identity, SingleUse
 from server.domain.ports import IdentityVerifier
 from server.domain.sessions import NewSession, Sessions
@@ -83,6 +89,8 @@ class SignIns:
                 event=self._audit.event(SIGN_IN, user_id=None, origin=origin),
                 nonce=nonce,
             )
+        except Unavailable:
+            raise  # the store failed, not the sign-in: nothing to record (it could not be)
         except DomainError as exc:
             await self._refused(identity, origin, exc)
             if not isinstance(exc, RateLimited):

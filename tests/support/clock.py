@@ -10,8 +10,11 @@ only the wall clock, as an NTP correction or an operator's `date -s` does.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -66,6 +69,26 @@ class FileClock:
         """Step the wall clock (forward or back) while the monotonic clock stands."""
         wall, mono = self._read()
         self._write(wall + int(seconds * 1000), mono)
+
+    @contextlib.contextmanager
+    def ticking(self) -> Iterator[None]:
+        """Inside the block both clocks run at the real pace from where they stand."""
+        stop = threading.Event()
+
+        def tick() -> None:
+            last = time.monotonic()
+            while not stop.wait(0.05):
+                now = time.monotonic()
+                self.advance(now - last)
+                last = now
+
+        thread = threading.Thread(target=tick, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def freeze(self) -> FileClock:
         """Stop both clocks at the real wall time and at the start of a day on the

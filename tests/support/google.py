@@ -41,6 +41,9 @@ class _State:
     max_age: int = 3600
     down: bool = False
     fetches: int = 0
+    # Hostile answers: a body of this many bytes, or one byte every `drip_s` seconds.
+    huge_bytes: int = 0
+    drip_s: float = 0.0
 
 
 def _new_key() -> _Key:
@@ -98,6 +101,18 @@ class FakeGoogle:
         """Publish the current signing key (after rotate(publish=False))."""
         with self._lock:
             self.state.published[self.current.kid] = self.current.cert
+
+    @contextmanager
+    def hostile(self, *, huge_bytes: int = 0, drip_s: float = 0.0) -> Iterator[None]:
+        """Inside the block the certs endpoint answers 200 with `huge_bytes` of body, or
+        drips its answer one byte every `drip_s` seconds."""
+        with self._lock:
+            self.state.huge_bytes, self.state.drip_s = huge_bytes, drip_s
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.state.huge_bytes, self.state.drip_s = 0, 0.0
 
     @contextmanager
     def outage(self) -> Iterator[None]:
@@ -167,6 +182,10 @@ class FakeGoogle:
                     down = fake.state.down
                     body = json.dumps(fake.state.published).encode()
                     max_age = fake.state.max_age
+                    huge, drip = fake.state.huge_bytes, fake.state.drip_s
+                if huge or drip:
+                    self._hostile(huge, drip)
+                    return
                 if down or self.path != "/oauth2/v1/certs":
                     self.send_response(503 if down else 404)
                     self.send_header("content-length", "0")
@@ -178,6 +197,23 @@ class FakeGoogle:
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def _hostile(self, huge: int, drip: float) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.end_headers()
+                try:
+                    if huge:
+                        chunk = b" " * 65536
+                        for _ in range(huge // len(chunk)):
+                            self.wfile.write(chunk)
+                    else:
+                        for _ in range(600):  # gives up after 10 min at most
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                            time.sleep(drip)
+                except OSError:
+                    pass  # the service hung up, as it should
 
             def log_message(self, format: str, *args: Any) -> None:
                 return

@@ -100,6 +100,10 @@ def classify(exc: sqlite3.Error) -> Failure:
     return Failure("error", "the server's database failed; try again later", 5, reconnect=True)
 
 
+# Failures that only writes meet: a successful read does not end them.
+WRITE_FAILURES = frozenset({"busy", "disk_full", "read_only"})
+
+
 class Incidents:
     """One log line when a kind of failure starts and one when it is over; counts."""
 
@@ -123,11 +127,14 @@ class Incidents:
                 },
             )
 
-    def succeeded(self) -> None:
-        """A call succeeded: every open incident is over."""
+    def succeeded(self, *, write: bool) -> None:
+        """A call succeeded: the incidents it proves over are over (a read does not prove
+        that writes work again)."""
         if not self._open:
             return
         with self._lock:
-            ended, self._open = self._open, {}
+            ended = {k: n for k, n in self._open.items() if write or k not in WRITE_FAILURES}
+            for kind in ended:
+                del self._open[kind]
         for kind, failures in ended.items():
             log.warning("storage incident over", extra={"kind": kind, "failed_calls": failures})

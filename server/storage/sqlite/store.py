@@ -141,10 +141,19 @@ class SQLiteStore:
         kwargs: Mapping[str, object],
         *,
         write: bool,
+        even_if_damaged: bool = False,
     ) -> T:
         wait_s = self._busy_timeout_ms / 1000
         deadline = time.monotonic() + wait_s
-        future = pool.submit(self._run, query, args, kwargs, write=write, deadline=deadline)
+        future = pool.submit(
+            self._run,
+            query,
+            args,
+            kwargs,
+            write=write,
+            deadline=deadline,
+            even_if_damaged=even_if_damaged,
+        )
         try:
             # The thread gives up by the deadline itself; this bounds the wait for a
             # thread that is stuck in the file system (a hung disk).
@@ -162,8 +171,9 @@ class SQLiteStore:
         *,
         write: bool,
         deadline: float,
+        even_if_damaged: bool = False,
     ) -> T:
-        if self.damage:
+        if self.damage and not even_if_damaged:
             raise DAMAGED.error()
         remaining_ms = int((deadline - time.monotonic()) * 1000)
         if remaining_ms <= 0:  # queued behind calls that waited for a lock
@@ -182,7 +192,7 @@ class SQLiteStore:
             failure = classify(exc)
             self._failed(failure, exc)
             raise failure.error() from None
-        self.incidents.succeeded()
+        self.incidents.succeeded(write=write)
         return result
 
     def _transaction(
@@ -500,8 +510,12 @@ class SQLiteStore:
         )
 
     async def checkpoint(self) -> None:
-        """Fold the write-ahead log into the database file (before backups and at shutdown)."""
-        await self._submit(self._writer, _checkpoint, (), {}, write=False)
+        """Fold the write-ahead log into the database file (before backups and at shutdown).
+
+        Even when the store is damaged: if the -wal was removed, its frames are still in
+        the open (unlinked) file, and this is how they reach the database file.
+        """
+        await self._submit(self._writer, _checkpoint, (), {}, write=False, even_if_damaged=True)
 
     def close(self) -> None:
         """Write what is left, stop the threads and close every connection (once, at exit)."""
