@@ -400,6 +400,19 @@ def test_certs_are_fetched_again_after_their_max_age(h: Harness) -> None:
     assert h.fetches == 2
 
 
+def test_a_wall_clock_step_does_not_age_the_certs(h: Harness) -> None:
+    """Cache ages run on the monotonic clock: an NTP step neither expires the keys
+    nor keeps them past their max-age."""
+    h.verify(h.fake.token(sub="a"))
+    h.clock.step_wall(2 * MAX_AGE_S)  # the wall clock jumps forward
+    h.verify(h.fake.token(sub="b"))
+    assert h.fetches == 1
+    h.clock.step_wall(-10 * MAX_AGE_S)  # and far back
+    h.clock.advance(MAX_AGE_S)  # while time really passes
+    h.verify(h.fake.token(sub="c"))
+    assert h.fetches == 2
+
+
 def test_unknown_key_ids_refetch_once_then_are_rate_limited(h: Harness) -> None:
     h.verify(h.fake.token())
     h.clock.advance(REFETCH_GAP_S + 1)  # still fresh, but a refetch is allowed again
