@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -43,7 +41,6 @@ from server.domain.accounts import Accounts
 from server.domain.admin import Admin
 from server.domain.audit import Audit
 from server.domain.clock import Clock, SystemClock
-from server.domain.errors import Unavailable
 from server.domain.retention import Retention, RetentionPolicy
 from server.domain.sessions import SessionPolicy, Sessions
 from server.domain.signin import SignIns
@@ -362,9 +359,7 @@ def _jobs(config: Config, store: SQLiteStore, clock: Clock) -> list[Periodic]:
 
 def _closer(store: SQLiteStore) -> Callable[[], Awaitable[None]]:
     async def close() -> None:
-        with contextlib.suppress(Unavailable):
-            await store.checkpoint()
-        await asyncio.to_thread(store.close)
+        await store.aclose()
 
     return close
 

@@ -46,6 +46,7 @@ from server.domain.models import (
     UserExport,
 )
 from server.domain.ports import UserDefaults
+from server.storage.failures import BUSY, DAMAGED, Failure, Incidents
 from server.storage.sqlite import accounts, admin, retention, sessions
 from server.storage.sqlite.connection import (
     BUSY_TIMEOUT_MS,
@@ -53,8 +54,9 @@ from server.storage.sqlite.connection import (
     connect,
     known_migrations,
 )
-from server.storage.sqlite.failures import BUSY, Failure, Incidents, classify
+from server.storage.sqlite.failures import classify
 from server.storage.sqlite.principals import PrincipalCache
+from server.storage.touches import DeferredTouches
 
 log = logging.getLogger("expense_auth.storage")
 
@@ -63,11 +65,6 @@ T = TypeVar("T")
 Query = Callable[Concatenate[sqlite3.Connection, P], T]
 
 READER_THREADS = 4
-# A read that moves a session's last-seen time waits this long at most for the
-# write; if it is not made by then, the read succeeds anyway and the write goes on
-# (and is retried) in the background.
-TOUCH_WAIT_MS = 250
-TOUCH_RETRY_S = 1.0
 # Errors of our own code (a constraint we violated, a bad statement): not the
 # database's failure, so they stay errors (`internal`), with a traceback.
 _OUR_BUGS = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)
@@ -97,8 +94,7 @@ class SQLiteStore:
         self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="sqlite-reader")
         self._loop_conn: sqlite3.Connection | None = None
         self._cache = PrincipalCache(-1)
-        self._unwritten_touches: dict[str, int] = {}
-        self._touch_writer: asyncio.Task[None] | None = None
+        self._touches = DeferredTouches(self._write_touches)
         self._files: tuple[int, int] | None = None
         self.incidents = Incidents()
         self.damage = ""
@@ -279,7 +275,7 @@ class SQLiteStore:
                 conn.close()
 
     def _with_unwritten_touch(self, principal: Principal) -> Principal:
-        at = self._unwritten_touches.get(principal.session.id)
+        at = self._touches.pending(principal.session.id)
         if at is None or at <= principal.session.last_seen_ms:
             return principal
         return replace(principal, session=replace(principal.session, last_seen_ms=at))
@@ -333,28 +329,13 @@ class SQLiteStore:
         return self._with_unwritten_touch(principal)
 
     async def touch_session(self, session_id: str, *, last_seen_ms: int) -> None:
-        """Move `last_seen_ms` forward (never back). Never fails, and waits at most
-        TOUCH_WAIT_MS: the write goes on in the background (retried while the database
-        refuses it), and this process's lookups see the new time meanwhile."""
+        """Move `last_seen_ms` forward (never back). Never fails, and waits at most a
+        quarter of a second (server/storage/touches.py)."""
         self._cache.forget_session(session_id)
-        pending = self._unwritten_touches
-        pending[session_id] = max(pending.get(session_id, 0), last_seen_ms)
-        if self._touch_writer is None or self._touch_writer.done():
-            self._touch_writer = asyncio.get_running_loop().create_task(self._write_touches())
-        await asyncio.wait({self._touch_writer}, timeout=TOUCH_WAIT_MS / 1000)
+        await self._touches.touch(session_id, last_seen_ms)
 
-    async def _write_touches(self) -> None:
-        """Write the pending last-seen times until none is left."""
-        while self._unwritten_touches:
-            batch = dict(self._unwritten_touches)
-            try:
-                await self._write(sessions.touch_sessions, batch)
-            except Unavailable:
-                await asyncio.sleep(TOUCH_RETRY_S)
-                continue
-            for session_id, at in batch.items():
-                if self._unwritten_touches.get(session_id) == at:
-                    del self._unwritten_touches[session_id]
+    async def _write_touches(self, last_seen: Mapping[str, int]) -> None:
+        await self._write(sessions.touch_sessions, last_seen)
 
     async def revoke_session(
         self,
@@ -517,19 +498,16 @@ class SQLiteStore:
         """
         await self._submit(self._writer, _checkpoint, (), {}, write=False, even_if_damaged=True)
 
+    async def aclose(self) -> None:
+        """At shutdown: write pending last-seen times, fold the -wal into the file,
+        stop the threads and close every connection."""
+        await self._touches.flush()
+        with contextlib.suppress(Unavailable):
+            await self.checkpoint()
+        await asyncio.to_thread(self.close)
+
     def close(self) -> None:
-        """Write what is left, stop the threads and close every connection (once, at exit)."""
-        if self._unwritten_touches and not self.damage:
-            batch = dict(self._unwritten_touches)
-            with contextlib.suppress(Exception):
-                self._writer.submit(
-                    self._run,
-                    sessions.touch_sessions,
-                    (batch,),
-                    {},
-                    write=True,
-                    deadline=time.monotonic() + self._busy_timeout_ms / 1000,
-                ).result()
+        """Stop the threads and close every connection (once, at exit)."""
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self._close_loop_conn()
@@ -547,11 +525,3 @@ def _write_probe(conn: sqlite3.Connection, now_ms: int) -> None:
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-
-DAMAGED = Failure(
-    "damaged",
-    "the server's database is damaged and must be restored by an operator; try again later",
-    60,
-    damaged=True,
-)
