@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -68,9 +70,13 @@ from server.rpc.signing import CookieSigner
 from server.rpc.user import UserService
 from server.rpc.user_agent import warm_up
 from server.runtime.receive_fix import ReceiveAfterBodyFix
+from server.storage.backup import BACKUP_SUFFIX, backup
 from server.storage.files import private_dir
 from server.storage.limits import Counters, parse_limits
-from server.storage.sqlite import SQLiteStore, check_schema
+from server.storage.postgres import backup as postgres_backup
+from server.storage.postgres import schema as postgres_schema
+from server.storage.postgres.store import PostgresStore
+from server.storage.sqlite import SQLiteStore, check_schema, migrate
 
 # Requests to this API are tiny (the largest is a ~1.5 KB ID token); refusing
 # big bodies early keeps memory flat under abuse. Applied after decompression too.
@@ -106,13 +112,43 @@ def session_keys(config: Config) -> list[str]:
     return [_dev_secret(config.data_dir)]
 
 
-def open_store(config: Config) -> SQLiteStore:
+# The engine DATABASE_URL selects; the domain sees only its ports.
+Store = SQLiteStore | PostgresStore
+
+
+def pending_migrations(config: Config) -> list[str]:
+    """The migrations the configured database still needs (SchemaTooNew for unknown ones)."""
+    if config.postgres:
+        timeout = config.database_connect_timeout_seconds
+        return asyncio.run(postgres_schema.check_schema(config.database_url, timeout_s=timeout))
+    return check_schema(config.sqlite_path)
+
+
+def migrate_database(config: Config) -> list[str]:
+    """Apply pending migrations to the configured database; returns their names."""
+    if config.postgres:
+        timeout = config.database_connect_timeout_seconds
+        return asyncio.run(postgres_schema.migrate(config.database_url, timeout_s=timeout))
+    return migrate(config.sqlite_path)
+
+
+def open_store(config: Config, *, check: bool = True) -> Store:
     """The configured store, refusing a database that needs migrations.
 
+    PostgreSQL's schema is checked by `expense-auth serve` before the server starts
+    (and by readiness): this runs in the server's event loop, which must not block.
+
     Raises:
-        SchemaNotReady: The database has pending migrations.
+        SchemaNotReady: The SQLite database has pending migrations.
     """
-    pending = check_schema(config.sqlite_path)
+    if config.postgres:
+        return PostgresStore(
+            config.database_url,
+            pool_size=config.database_pool_size,
+            connect_timeout_s=config.database_connect_timeout_seconds,
+            statement_timeout_ms=config.database_statement_timeout_ms,
+        )
+    pending = check_schema(config.sqlite_path) if check else []
     if pending:
         raise SchemaNotReady(
             f"the database needs migrations ({', '.join(pending)}); run: expense-auth migrate"
@@ -120,7 +156,7 @@ def open_store(config: Config) -> SQLiteStore:
     return SQLiteStore(config.sqlite_path)
 
 
-def build_retention(config: Config, store: SQLiteStore, clock: Clock) -> Retention:
+def build_retention(config: Config, store: Store, clock: Clock) -> Retention:
     """The retention rules of the configuration, over `store` (the job and `purge`)."""
     return Retention(
         store,
@@ -340,24 +376,38 @@ def create_app(
     )
 
 
-def _jobs(config: Config, store: SQLiteStore, clock: Clock) -> list[Periodic]:
+def _jobs(config: Config, store: Store, clock: Clock) -> list[Periodic]:
+    async def claim(name: str, interval_s: float) -> bool:
+        # Once per period for every process on this database. A timer that fires a
+        # little early still claims its period: 10 % of slack.
+        return await store.claim_job(name, now_ms=clock.now_ms(), interval_ms=int(interval_s * 900))
+
     retention = build_retention(config, store, clock)
-    jobs = [retention_job(retention, interval_s=config.retention_interval_seconds)]
+    jobs = [retention_job(retention, interval_s=config.retention_interval_seconds, claim=claim)]
     if config.backup_dir is not None:
+        take: Callable[[Path], Path]
+        if config.postgres:
+            take = functools.partial(postgres_backup.backup, config.database_url)
+            suffix = postgres_backup.SUFFIX
+        else:
+            take = functools.partial(backup, config.sqlite_path)
+            suffix = BACKUP_SUFFIX
         jobs.append(
             backup_job(
-                config.sqlite_path,
+                take,
                 config.backup_dir,
                 keep=config.backup_keep,
+                suffix=suffix,
                 interval_s=config.backup_interval_seconds,
                 before=store.checkpoint,
                 after=lambda: record_success(config.data_dir, now_s=clock.now_ms() / 1000),
+                claim=claim,
             )
         )
     return jobs
 
 
-def _closer(store: SQLiteStore) -> Callable[[], Awaitable[None]]:
+def _closer(store: Store) -> Callable[[], Awaitable[None]]:
     async def close() -> None:
         await store.aclose()
 

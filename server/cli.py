@@ -17,8 +17,10 @@ from server.ops import logs
 from server.ops.backup_status import record_success
 from server.ops.readiness import SHUTDOWN_MARKER_ENV
 from server.storage.backup import BackupError, backup, restore
+from server.storage.failures import SchemaTooNew
 from server.storage.files import UMASK, open_to_others, private_dir, tighten_database
-from server.storage.sqlite import SchemaTooNew, check_integrity, check_schema, migrate
+from server.storage.postgres import backup as postgres_backup
+from server.storage.sqlite import check_integrity
 
 log = logging.getLogger("expense_auth.cli")
 
@@ -83,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _migrate(config: Config) -> None:
-    applied = migrate(config.sqlite_path)
+    from server.app import migrate_database
+
+    applied = migrate_database(config)
     if applied:
         log.info("migrations applied", extra={"migrations": ",".join(applied)})
 
@@ -112,23 +116,33 @@ def _purge(config: Config) -> int:
     except SchemaNotReady:
         print("expense-auth: run `expense-auth migrate` first", file=sys.stderr)
         return 2
-    try:
-        counts = asyncio.run(build_retention(config, store, SystemClock()).run())
-    finally:
-        store.close()
+
+    async def purge() -> dict[str, int]:
+        try:
+            return await build_retention(config, store, SystemClock()).run()
+        finally:
+            await store.aclose()
+
+    counts = asyncio.run(purge())
     print(" ".join(f"{kind}={count}" for kind, count in counts.items()))
     return 0
 
 
 def _backup(config: Config, dest: Path) -> int:
-    path = backup(config.sqlite_path, dest)
+    if config.postgres:
+        path = postgres_backup.backup(config.database_url, dest)
+    else:
+        path = backup(config.sqlite_path, dest)
     record_success(config.data_dir, now_s=SystemClock().now_ms() / 1000)
     print(f"{path}: integrity ok")
     return 0
 
 
 def _restore(config: Config, src: Path) -> int:
-    restored = restore(src, config.sqlite_path)
+    if config.postgres:
+        restored = postgres_backup.restore(src, config.database_url)
+    else:
+        restored = restore(src, config.sqlite_path)
     if restored.moved_aside is not None:
         print(f"the current database was damaged; moved aside to {restored.moved_aside}")
     if restored.deletions_unknown:
@@ -143,7 +157,12 @@ def _restore(config: Config, src: Path) -> int:
 
 
 def _refuse_damaged(config: Config) -> bool:
-    """Print why, and True, when the database file is damaged (SQLite would serve it)."""
+    """Print why, and True, when the database file is damaged (SQLite would serve it).
+
+    PostgreSQL checks its own pages (data checksums, if the cluster has them on).
+    """
+    if config.postgres:
+        return False
     problem = check_integrity(config.sqlite_path)
     if problem == "ok":
         return False
@@ -157,13 +176,14 @@ def _refuse_damaged(config: Config) -> bool:
 
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
+    from server.app import pending_migrations
     from server.runtime.serve import AdminListener, PortInUse, StartupError, serve
 
     if _refuse_damaged(config):
         return 2
     if not args.no_migrate:
         _migrate(config)
-    elif pending := check_schema(config.sqlite_path):
+    elif pending := pending_migrations(config):
         print(
             f"expense-auth: the database needs migrations ({', '.join(pending)}); "
             "run `expense-auth migrate` or start without --no-migrate",
@@ -215,6 +235,8 @@ def _check_file_modes(config: Config) -> None:
                 "data directory is open to other users; run: chmod 700 DIR",
                 extra={"directory": str(directory), "mode": f"{mode:04o}"},
             )
+    if config.postgres:
+        return
     changed = tighten_database(config.sqlite_path)
     if changed:
         log.warning(

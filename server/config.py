@@ -96,6 +96,9 @@ class Config(BaseModel):
     app_env: Literal["development", "production"] = "development"
     data_dir: Path = Path("var")
     database_url: str = ""
+    database_pool_size: int = Field(default=10, ge=1, le=1000)
+    database_connect_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    database_statement_timeout_ms: int = Field(default=2000, ge=50, le=600_000)
     google_client_id: list[str] = Field(default_factory=list)
     google_certs_url: str = GOOGLE_CERTS_URL
     google_require_verified_email: bool = True
@@ -187,6 +190,20 @@ class Config(BaseModel):
     def _storage(cls, value: str) -> str:
         if not value.removeprefix("async+").startswith(("memory://", "redis://", "valkey://")):
             raise ValueError(f"expected memory:// or redis://host:port, got {value[:60]!r}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            scheme = value.partition("://")[0] if "://" in value else value[:20]
+            raise ValueError(
+                "expected sqlite:///PATH (the default, under DATA_DIR) or "
+                f"postgresql://USER@HOST:PORT/DATABASE, got a URL of scheme {scheme!r}"
+            )
+        if value.startswith("sqlite:///") and not value.removeprefix("sqlite:///"):
+            raise ValueError("sqlite:/// needs a file path, e.g. sqlite:///var/expense-auth.db")
         return value
 
     @field_validator("log_level", mode="before")
@@ -322,10 +339,15 @@ class Config(BaseModel):
         return self.tls_cert_file is not None or self.behind_tls_proxy
 
     @property
+    def postgres(self) -> bool:
+        """Whether the database is PostgreSQL (else the embedded SQLite file)."""
+        return self.database_url.startswith(("postgresql://", "postgres://"))
+
+    @property
     def sqlite_path(self) -> Path:
         """The SQLite database file, from DATABASE_URL or under DATA_DIR."""
         url = self.database_url
-        if not url:
+        if not url or self.postgres:
             return self.data_dir / "expense-auth.db"
         return Path(url.removeprefix("sqlite:///"))
 

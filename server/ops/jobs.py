@@ -8,22 +8,32 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from server.domain.errors import Unavailable
 from server.domain.retention import Retention
-from server.storage.backup import BackupError, backup, prune
+from server.storage.backup import BackupError, prune
 from server.storage.files import private_dir
 
 log = logging.getLogger("expense_auth.jobs")
+
+# Claims this period of a job for this process: (job name, interval in seconds).
+Claim = Callable[[str, float], Awaitable[bool]]
 
 
 class Periodic:
     """Runs `step` every `interval_s` on the event loop until stopped."""
 
     def __init__(
-        self, name: str, step: Callable[[], Awaitable[None]], *, interval_s: float
+        self,
+        name: str,
+        step: Callable[[], Awaitable[None]],
+        *,
+        interval_s: float,
+        claim: Claim | None = None,
     ) -> None:
         self._name = name
         self._step = step
         self._interval_s = interval_s
+        self._claim = claim
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -40,13 +50,26 @@ class Periodic:
     async def _loop(self) -> None:
         while True:
             try:
-                await self._step()
+                if await self._claimed():
+                    await self._step()
             except Exception:
                 log.exception("background job failed", extra={"job": self._name})
             await asyncio.sleep(self._interval_s)
 
+    async def _claimed(self) -> bool:
+        """Whether this process runs this period (another process of the cluster may)."""
+        if self._claim is None:
+            return True
+        try:
+            return await self._claim(self._name, self._interval_s)
+        except Unavailable as exc:
+            log.warning("background job skipped", extra={"job": self._name, "why": exc.message})
+            return False
 
-def retention_job(retention: Retention, *, interval_s: float) -> Periodic:
+
+def retention_job(
+    retention: Retention, *, interval_s: float, claim: Claim | None = None
+) -> Periodic:
     """Apply the retention windows periodically."""
 
     async def step() -> None:
@@ -54,33 +77,36 @@ def retention_job(retention: Retention, *, interval_s: float) -> Periodic:
         if any(counts.values()):
             log.info("retention applied", extra=counts)
 
-    return Periodic("retention", step, interval_s=interval_s)
+    return Periodic("retention", step, interval_s=interval_s, claim=claim)
 
 
 def backup_job(
-    db_path: Path,
+    take: Callable[[Path], Path],
     directory: Path,
     *,
     keep: int,
+    suffix: str,
     interval_s: float,
     before: Callable[[], Awaitable[None]],
     after: Callable[[], None] = lambda: None,
+    claim: Claim | None = None,
 ) -> Periodic:
-    """Take a verified backup into `directory` periodically, keeping the newest `keep`.
+    """Take a verified backup into `directory` periodically (`take(directory)`, in a
+    thread), keeping the newest `keep` files of `suffix`.
 
-    `after` runs once a backup has passed its integrity check (it records the time).
+    `after` runs once a backup has passed its check (it records the time).
     """
 
     async def step() -> None:
         await before()
         await asyncio.to_thread(private_dir, directory)
         try:
-            path = await asyncio.to_thread(backup, db_path, directory)
+            path = await asyncio.to_thread(take, directory)
         except BackupError as exc:
             log.error("scheduled backup failed", extra={"error": str(exc)})
             return
         await asyncio.to_thread(after)
-        removed = await asyncio.to_thread(prune, directory, keep=keep)
+        removed = await asyncio.to_thread(prune, directory, keep=keep, suffix=suffix)
         log.info("backup taken", extra={"path": path.name, "pruned": len(removed)})
 
-    return Periodic("backup", step, interval_s=interval_s)
+    return Periodic("backup", step, interval_s=interval_s, claim=claim)

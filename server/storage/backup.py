@@ -73,9 +73,9 @@ def backup(db_path: Path, dest: Path) -> Path:
     return dest
 
 
-def prune(directory: Path, *, keep: int) -> list[Path]:
+def prune(directory: Path, *, keep: int, suffix: str = BACKUP_SUFFIX) -> list[Path]:
     """Delete all but the newest `keep` backups in `directory`; returns what was deleted."""
-    backups = sorted(directory.glob(f"{BACKUP_PREFIX}*{BACKUP_SUFFIX}"))
+    backups = sorted(directory.glob(f"{BACKUP_PREFIX}*{suffix}"))
     doomed = backups[:-keep] if keep > 0 else backups
     for path in doomed:
         path.unlink()

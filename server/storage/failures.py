@@ -69,6 +69,10 @@ UNREACHABLE = Failure(
 WRITE_FAILURES = frozenset({"busy", "disk_full", "read_only"})
 
 
+class SchemaTooNew(Exception):
+    """The database was migrated by a newer version of the service (either engine)."""
+
+
 class Incidents:
     """One log line when a kind of failure starts and one when it is over; counts."""
 

@@ -27,6 +27,7 @@ ALL_MIGRATIONS = [
     "m002_used_id_tokens",
     "m003_audit_and_deletions",
     "m004_principal_generation_and_probe",
+    "m005_job_runs",
 ]
 
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from server.storage.failures import SchemaTooNew
+from server.storage.rows import shorten_ip
 from server.storage.sqlite.connection import (
     BUSY_TIMEOUT_MS,
-    SchemaTooNew,
     check_integrity,
     check_schema,
     connect,
     migrate,
 )
-from server.storage.sqlite.retention import shorten_ip
 from server.storage.sqlite.store import SQLiteStore
 
 __all__ = [

@@ -8,7 +8,7 @@ from typing import Any
 
 from server.domain.models import AuditEvent, Identity, User, UserExport
 from server.domain.preferences import EDITABLE_FIELDS
-from server.storage.sqlite import rows
+from server.storage import rows
 from server.storage.sqlite.sessions import claim_token
 
 _UPDATABLE = frozenset(EDITABLE_FIELDS)

@@ -6,7 +6,7 @@ import sqlite3
 from typing import Any
 
 from server.domain.models import User
-from server.storage.sqlite import rows
+from server.storage import rows
 
 
 def list_users(

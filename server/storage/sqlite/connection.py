@@ -8,16 +8,13 @@ from pathlib import Path
 
 from sqlite_utils import Database
 
+from server.storage.failures import SchemaTooNew
 from server.storage.files import private_file
 from server.storage.sqlite.migrations import migrations
 
 # How long a call waits for the database's write lock (another process, a
 # checkpoint, an operator's `sqlite3`) before it answers `unavailable`.
 BUSY_TIMEOUT_MS = 2_000
-
-
-class SchemaTooNew(Exception):
-    """The database was migrated by a newer version of the service."""
 
 
 def connect(path: Path, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:

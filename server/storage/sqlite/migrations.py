@@ -142,3 +142,10 @@ def m004_principal_generation_and_probe(db: Database) -> None:
         "(id INTEGER PRIMARY KEY CHECK (id = 1), at_ms INTEGER NOT NULL) STRICT"
     )
     db.execute("INSERT INTO write_probe (id, at_ms) VALUES (1, 0)")
+
+
+@migrations()
+def m005_job_runs(db: Database) -> None:
+    """Periodic jobs (retention, scheduled backups) claim their period here, so that
+    they run once per period for all the workers on the file, not once each."""
+    db.execute("CREATE TABLE job_runs (name TEXT PRIMARY KEY, last_run_ms INTEGER NOT NULL) STRICT")

@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 import sqlite3
 
-
-def shorten_ip(ip: str) -> str:
-    """The /24 (IPv4) or /48 (IPv6) network of an address: coarse enough to be anonymous."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return ""
-    prefix = 24 if address.version == 4 else 48
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+from server.storage import rows
 
 
 def purge(
@@ -40,12 +31,27 @@ def purge(
         (events_before_ms,),
     ).rowcount
     tokens = conn.execute("DELETE FROM used_id_tokens WHERE expire_ms < ?", (now_ms,)).rowcount
-    rows = conn.execute(
+    old = conn.execute(
         "SELECT id, ip FROM audit_events WHERE time_ms < ? AND ip != '' AND ip NOT LIKE '%/%'",
         (ips_before_ms,),
     ).fetchall()
     conn.executemany(
         "UPDATE audit_events SET ip = ? WHERE id = ?",
-        [(shorten_ip(ip), event_id) for event_id, ip in rows],
+        [(rows.shorten_ip(ip), event_id) for event_id, ip in old],
     )
-    return {"sessions": sessions, "events": events, "tokens": tokens, "ips": len(rows)}
+    return {"sessions": sessions, "events": events, "tokens": tokens, "ips": len(old)}
+
+
+def claim_job(conn: sqlite3.Connection, name: str, *, now_ms: int, interval_ms: int) -> bool:
+    """Claim this period of the job `name`; False when another process ran it already.
+
+    A last run in the future (the wall clock stepped back) does not block the job.
+    """
+    claimed = conn.execute(
+        "INSERT INTO job_runs (name, last_run_ms) VALUES (?, ?) ON CONFLICT (name) DO UPDATE "
+        "SET last_run_ms = excluded.last_run_ms "
+        "WHERE job_runs.last_run_ms <= ? OR job_runs.last_run_ms > excluded.last_run_ms "
+        "RETURNING 1",
+        (name, now_ms, now_ms - interval_ms),
+    ).fetchone()
+    return claimed is not None

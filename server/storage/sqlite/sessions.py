@@ -21,7 +21,7 @@ from server.domain.models import (
     User,
 )
 from server.domain.ports import UserDefaults
-from server.storage.sqlite import rows
+from server.storage import rows
 
 
 def claim_token(conn: sqlite3.Connection, identity: Identity, now_ms: int) -> None:

@@ -470,6 +470,10 @@ class SQLiteStore:
             ips_before_ms=ips_before_ms,
         )
 
+    async def claim_job(self, name: str, *, now_ms: int, interval_ms: int) -> bool:
+        """Claim this period of a periodic job for this process (once for all workers)."""
+        return await self._write(retention.claim_job, name, now_ms=now_ms, interval_ms=interval_ms)
+
     # Operations
 
     async def probe(self, *, now_ms: int) -> str:

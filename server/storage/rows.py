@@ -1,7 +1,8 @@
-"""Rows of the SQLite schema as domain records, and the pieces every query shares."""
+"""Rows of the schema as domain records (both engines), and pieces the SQLite queries share."""
 
 from __future__ import annotations
 
+import ipaddress
 import sqlite3
 from typing import Any
 
@@ -93,3 +94,13 @@ def spend(conn: sqlite3.Connection, once: SingleUse) -> bool:
         (once.key, once.expire_ms),
     ).rowcount
     return claimed == 1
+
+
+def shorten_ip(ip: str) -> str:
+    """The /24 (IPv4) or /48 (IPv6) network of an address: coarse enough to be anonymous."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ""
+    prefix = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))

@@ -1,0 +1,1 @@
+"""The PostgreSQL engine: the store, its schema and its migrations (asyncpg)."""

@@ -1,0 +1,46 @@
+"""What a PostgreSQL (or connection) error means: one of the store failures."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from server.storage.failures import BUSY, UNREACHABLE, Failure
+
+# Errors that mean: try the transaction again (another one won a race).
+RETRYABLE = (asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
+
+
+def classify(exc: BaseException) -> Failure | None:
+    """The failure `exc` means, or None when it is not the database's (our own bug)."""
+    if isinstance(exc, TimeoutError | OSError | asyncpg.exceptions.InterfaceError):
+        return UNREACHABLE  # no connection in time, refused, reset, closed under us
+    if isinstance(exc, asyncpg.exceptions.QueryCanceledError | RETRYABLE):
+        return BUSY  # statement_timeout: a lock or the server held the call too long
+    if isinstance(exc, asyncpg.exceptions.LockNotAvailableError):
+        return BUSY
+    if isinstance(exc, asyncpg.exceptions.DiskFullError):
+        return Failure(
+            "disk_full",
+            "the server's disk is full, so nothing can be saved; try again later",
+            30,
+        )
+    if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
+        return Failure(
+            "read_only",
+            "the server's database cannot be written right now; try again later",
+            10,
+            reconnect=True,
+        )
+    if isinstance(exc, asyncpg.exceptions.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", "") or ""
+        # 08: connection exception; 53: insufficient resources; 57: operator
+        # intervention (shutdown, restart, cannot connect now); 58: system error.
+        if sqlstate[:2] in ("08", "53", "57", "58"):
+            return UNREACHABLE
+        if sqlstate[:2] == "XX":
+            return Failure(
+                "damaged",
+                "the server's database reports damaged data; try again later",
+                60,
+            )
+    return None

@@ -1,0 +1,82 @@
+"""PostgreSQL's schema: versioned SQL migrations, the same names and order as SQLite's.
+
+`migrate` takes an advisory lock first, so that ten replicas starting at once
+migrate once: the others wait for the lock, then find nothing pending. Each
+migration and its record are one transaction. `check_schema` refuses a database
+migrated by a newer version, as for SQLite.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import asyncpg
+
+from server.storage.failures import SchemaTooNew
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# pg_advisory_lock key of expense-auth's migrations (any fixed 64-bit number).
+MIGRATION_LOCK = 0x45_58_50_41_55_54_48  # "EXPAUTH"
+_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    name TEXT PRIMARY KEY,
+    applied_ms BIGINT NOT NULL
+)
+"""
+
+
+@functools.cache
+def known_migrations() -> tuple[str, ...]:
+    """Every migration this version has, in order."""
+    return tuple(sorted(path.stem for path in MIGRATIONS_DIR.glob("m*.sql")))
+
+
+async def applied_migrations(conn: asyncpg.Connection) -> set[str]:
+    """The names of the migrations applied to this database."""
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    if not exists:
+        return set()
+    return {row[0] for row in await conn.fetch("SELECT name FROM schema_migrations")}
+
+
+async def _pending(conn: asyncpg.Connection) -> list[str]:
+    applied = await applied_migrations(conn)
+    unknown = sorted(applied - set(known_migrations()))
+    if unknown:
+        raise SchemaTooNew(
+            f"the database has migrations this version does not know: {', '.join(unknown)}"
+        )
+    return [name for name in known_migrations() if name not in applied]
+
+
+async def check_schema(url: str, *, timeout_s: float) -> list[str]:
+    """The migrations not yet applied; raises SchemaTooNew for unknown applied ones."""
+    conn = await asyncpg.connect(url, timeout=timeout_s)
+    try:
+        return await _pending(conn)
+    finally:
+        await conn.close()
+
+
+async def migrate(url: str, *, timeout_s: float) -> list[str]:
+    """Apply pending migrations, one replica at a time; returns the names applied."""
+    conn = await asyncpg.connect(url, timeout=timeout_s)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        try:
+            await conn.execute(_TABLE)
+            pending = await _pending(conn)
+            for name in pending:
+                async with conn.transaction():
+                    await conn.execute((MIGRATIONS_DIR / f"{name}.sql").read_text())
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (name, applied_ms) "
+                        "VALUES ($1, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)",
+                        name,
+                    )
+            return pending
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+    finally:
+        await conn.close()

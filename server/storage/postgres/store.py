@@ -1,0 +1,354 @@
+"""The PostgreSQL store: every domain port over a pool of asyncpg connections.
+
+Why asyncpg (over psycopg 3 with psycopg_pool): the session check, a join by
+token hash on a pool of 8, cost half the client CPU per call with asyncpg in the
+same run (docs/benchmarks.md, "PostgreSQL driver"), and the client's CPU is what
+the single-threaded server pays. The price: asyncpg parses the URL itself and
+takes the libpq parameters it knows (host, port, user, password, dbname,
+sslmode, sslrootcert, sslcert, sslkey, sslcrl, passfile, target_session_attrs,
+service...), not every libpq option.
+
+Every session check reads the database: one indexed join, no cache, so a
+revocation on any replica is refused by every replica at the very next request
+(the SQLite engine's cache is exact only for processes sharing its file). Every
+call is bounded: the pool is waited for at most the connect timeout, and every
+statement and lock wait at most the statement timeout, after which the call
+answers `unavailable` with a Retry-After; the pool replaces broken connections by
+itself, so the store recovers when the server is back. A transaction that loses
+a race (a serialization failure or a deadlock) is tried again, twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import asyncpg
+
+from server.domain.errors import Unavailable
+from server.domain.models import (
+    AuditEvent,
+    Identity,
+    Principal,
+    Session,
+    SessionCursor,
+    SingleUse,
+    User,
+    UserExport,
+)
+from server.domain.ports import UserDefaults
+from server.storage.failures import UNREACHABLE, Incidents
+from server.storage.postgres import queries
+from server.storage.postgres.failures import RETRYABLE, classify
+from server.storage.postgres.schema import applied_migrations, known_migrations
+from server.storage.touches import DeferredTouches
+
+P = ParamSpec("P")
+T = TypeVar("T")
+Query = Callable[Concatenate[Any, P], Awaitable[T]]
+ATTEMPTS = 3
+
+
+class PostgresStore:
+    """Users and sessions in a PostgreSQL database."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int,
+        connect_timeout_s: float,
+        statement_timeout_ms: int,
+    ) -> None:
+        self._url = url
+        self._pool_size = pool_size
+        self._connect_timeout_s = connect_timeout_s
+        self._statement_timeout_ms = statement_timeout_ms
+        self._pool: asyncpg.Pool | None = None
+        self._opening = asyncio.Lock()
+        self._touches = DeferredTouches(self._write_touches)
+        self.incidents = Incidents()
+        self.damage = ""
+
+    async def _get_pool(self) -> asyncpg.Pool:
+        if self._pool is not None:
+            return self._pool
+        async with self._opening:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    self._url,
+                    min_size=1,
+                    max_size=self._pool_size,
+                    timeout=self._connect_timeout_s,
+                    server_settings={
+                        "application_name": "expense-auth",
+                        "statement_timeout": str(self._statement_timeout_ms),
+                        "lock_timeout": str(self._statement_timeout_ms),
+                        "idle_in_transaction_session_timeout": str(10 * self._statement_timeout_ms),
+                    },
+                )
+            return self._pool
+
+    async def _call(
+        self,
+        query: Query[P, T],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        *,
+        isolation: str | None = None,
+        readonly: bool = False,
+    ) -> T:
+        """Run `query` on a pooled connection, in a transaction when `isolation` is given."""
+        for attempt in range(ATTEMPTS):
+            try:
+                async with asyncio.timeout(
+                    self._connect_timeout_s + self._statement_timeout_ms / 1000
+                ):
+                    pool = await self._get_pool()
+                    async with pool.acquire(timeout=self._connect_timeout_s) as conn:
+                        if isolation is None:
+                            result = await query(conn, *args, **kwargs)
+                        else:
+                            async with conn.transaction(isolation=isolation, readonly=readonly):
+                                result = await query(conn, *args, **kwargs)
+            except RETRYABLE:
+                if attempt + 1 < ATTEMPTS:
+                    continue
+                raise self._failed(asyncpg.exceptions.SerializationError()) from None
+            except Exception as exc:
+                if classify(exc) is None:
+                    raise  # our own bug: `internal`, with its traceback
+                raise self._failed(exc) from None
+            write = isolation is not None and not readonly
+            self.incidents.succeeded(write=write)
+            return result
+        raise AssertionError("unreachable")
+
+    def _failed(self, exc: BaseException) -> Unavailable:
+        failure = classify(exc) or UNREACHABLE
+        self.incidents.failed(failure, exc)
+        return failure.error()
+
+    async def _write(self, query: Query[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._call(query, args, kwargs, isolation="read_committed")
+
+    async def _read(self, query: Query[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._call(query, args, kwargs)
+
+    # SessionStore
+
+    async def sign_in(
+        self,
+        identity: Identity,
+        *,
+        new_user_id: str,
+        defaults: UserDefaults,
+        session: Session,
+        now_ms: int,
+        event: AuditEvent | None = None,
+        nonce: SingleUse | None = None,
+    ) -> tuple[User, Session]:
+        """See `SessionStore.sign_in`: one transaction."""
+        return await self._write(
+            queries.sign_in,
+            identity,
+            new_user_id=new_user_id,
+            defaults=defaults,
+            session=session,
+            now_ms=now_ms,
+            event=event,
+            nonce=nonce,
+        )
+
+    async def find_user_by_subject(self, issuer: str, subject: str) -> User | None:
+        """See `SessionStore.find_user_by_subject`."""
+        return await self._read(queries.find_user_by_subject, issuer, subject)
+
+    async def find_principal(self, token_hash: bytes, *, fresh: bool = False) -> Principal | None:
+        """See `SessionStore.find_principal` (always read: there is no cache)."""
+        principal = await self._read(queries.find_principal, token_hash)
+        if principal is None:
+            return None
+        at = self._touches.pending(principal.session.id)
+        if at is not None and at > principal.session.last_seen_ms:
+            principal = replace(principal, session=replace(principal.session, last_seen_ms=at))
+        return principal
+
+    async def touch_session(self, session_id: str, *, last_seen_ms: int) -> None:
+        """See `SessionStore.touch_session` (server/storage/touches.py)."""
+        await self._touches.touch(session_id, last_seen_ms)
+
+    async def _write_touches(self, last_seen: Mapping[str, int]) -> None:
+        await self._write(queries.touch_sessions, last_seen)
+
+    async def revoke_session(
+        self,
+        user_id: str,
+        session_id: str,
+        *,
+        now_ms: int,
+        idle_cutoff_ms: int,
+        caller_id: str | None = None,
+    ) -> bool:
+        """See `SessionStore.revoke_session`."""
+        return await self._write(
+            queries.revoke_session,
+            user_id,
+            session_id,
+            now_ms=now_ms,
+            idle_cutoff_ms=idle_cutoff_ms,
+            caller_id=caller_id,
+        )
+
+    async def revoke_other_sessions(
+        self, user_id: str, keep_id: str, *, now_ms: int, idle_cutoff_ms: int
+    ) -> int:
+        """See `SessionStore.revoke_other_sessions`."""
+        return await self._write(
+            queries.revoke_other_sessions,
+            user_id,
+            keep_id,
+            now_ms=now_ms,
+            idle_cutoff_ms=idle_cutoff_ms,
+        )
+
+    async def list_live_sessions(
+        self,
+        user_id: str,
+        *,
+        now_ms: int,
+        idle_cutoff_ms: int,
+        after: SessionCursor | None,
+        limit: int,
+    ) -> list[Session]:
+        """See `SessionStore.list_live_sessions`."""
+        return await self._read(
+            queries.list_live_sessions,
+            user_id,
+            now_ms=now_ms,
+            idle_cutoff_ms=idle_cutoff_ms,
+            after=after,
+            limit=limit,
+        )
+
+    # ProfileStore, AuditStore, AccountStore
+
+    async def update_user(
+        self, user_id: str, changes: Mapping[str, str], *, now_ms: int
+    ) -> User | None:
+        """See `ProfileStore.update_user`."""
+        return await self._write(queries.update_user, user_id, changes, now_ms=now_ms)
+
+    async def record_event(self, event: AuditEvent) -> None:
+        """See `AuditStore.record_event`."""
+        await self._write(queries.record_event, event)
+
+    async def list_events(
+        self, user_id: str, *, before_id: int | None, limit: int
+    ) -> list[AuditEvent]:
+        """See `AccountStore.list_events`."""
+        return await self._read(queries.list_events, user_id, before_id=before_id, limit=limit)
+
+    async def export_user(self, user_id: str) -> UserExport | None:
+        """See `AccountStore.export_user`: one repeatable-read snapshot."""
+        return await self._call(
+            queries.export_user, (user_id,), {}, isolation="repeatable_read", readonly=True
+        )
+
+    async def delete_user(
+        self, user: User, *, identity: Identity, tombstone: AuditEvent, now_ms: int
+    ) -> bool:
+        """See `AccountStore.delete_user`: all or nothing."""
+        return await self._write(
+            queries.delete_user, user, identity=identity, tombstone=tombstone, now_ms=now_ms
+        )
+
+    # AdminStore
+
+    async def get_user(self, user_id: str) -> User | None:
+        """See `AdminStore.get_user`."""
+        return await self._read(queries.get_user, user_id)
+
+    async def list_users(
+        self, *, email_contains: str, after_id: str | None, limit: int
+    ) -> list[User]:
+        """See `AdminStore.list_users`."""
+        return await self._read(
+            queries.list_users, email_contains=email_contains, after_id=after_id, limit=limit
+        )
+
+    async def set_disabled(
+        self, user_id: str, *, disabled: bool, now_ms: int, idle_cutoff_ms: int
+    ) -> User | None:
+        """See `AdminStore.set_disabled`."""
+        return await self._write(
+            queries.set_disabled,
+            user_id,
+            disabled=disabled,
+            now_ms=now_ms,
+            idle_cutoff_ms=idle_cutoff_ms,
+        )
+
+    async def revoke_all_sessions(self, user_id: str, *, now_ms: int, idle_cutoff_ms: int) -> int:
+        """See `AdminStore.revoke_all_sessions`."""
+        return await self._write(
+            queries.revoke_all_sessions, user_id, now_ms=now_ms, idle_cutoff_ms=idle_cutoff_ms
+        )
+
+    # RetentionStore, and the jobs
+
+    async def purge(
+        self,
+        *,
+        now_ms: int,
+        session_grace_ms: int,
+        idle_ms: int,
+        events_before_ms: int,
+        ips_before_ms: int,
+    ) -> dict[str, int]:
+        """See `RetentionStore.purge`: one transaction."""
+        return await self._write(
+            queries.purge,
+            now_ms=now_ms,
+            session_grace_ms=session_grace_ms,
+            idle_ms=idle_ms,
+            events_before_ms=events_before_ms,
+            ips_before_ms=ips_before_ms,
+        )
+
+    async def claim_job(self, name: str, *, now_ms: int, interval_ms: int) -> bool:
+        """Claim this period of a periodic job for this process (once per cluster)."""
+        return await self._write(queries.claim_job, name, now_ms=now_ms, interval_ms=interval_ms)
+
+    # Operations
+
+    async def probe(self, *, now_ms: int) -> str:
+        """ "" when the database takes a real write and is fully migrated; else the problem."""
+        try:
+            await self._write(queries.write_probe, now_ms)
+            applied = await self._read(applied_migrations)
+        except Unavailable as exc:
+            return f"unavailable ({exc.reason}): {exc.message}"
+        missing = [name for name in known_migrations() if name not in applied]
+        return f"pending migrations: {', '.join(missing)}" if missing else ""
+
+    async def count_live_sessions(self, *, now_ms: int, idle_cutoff_ms: int) -> int:
+        """How many sessions are live (for the active-sessions gauge)."""
+        return await self._read(
+            queries.count_live_sessions, now_ms=now_ms, idle_cutoff_ms=idle_cutoff_ms
+        )
+
+    async def checkpoint(self) -> None:
+        """Nothing to fold: PostgreSQL keeps its own write-ahead log."""
+
+    async def aclose(self) -> None:
+        """At shutdown: write pending last-seen times, then close the pool."""
+        await self._touches.flush()
+        if self._pool is not None:
+            try:
+                async with asyncio.timeout(5):
+                    await self._pool.close()
+            except TimeoutError:
+                self._pool.terminate()
