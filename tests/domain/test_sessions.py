@@ -1,10 +1,13 @@
-"""The session rules over a real SQLite file, with a clock that moves only when told."""
+"""The session rules over both storage engines (a real SQLite file and a real PostgreSQL
+database), with a clock that moves only when told: the storage contract, as the domain
+uses it."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -12,9 +15,12 @@ from server.domain.errors import InvalidArgument, NotFound, Unauthenticated
 from server.domain.models import Identity, Principal, SessionCursor
 from server.domain.sessions import NewSession, SessionPolicy, Sessions
 from server.domain.tokens import hash_secret, new_public_id, new_secret
+from server.storage.postgres.store import PostgresStore
 from server.storage.sqlite import SQLiteStore, migrate
+from tests.support import postgres
 from tests.support.clock import ManualClock
 
+T = TypeVar("T")
 SECOND = 1000
 MINUTE = 60 * SECOND
 IDLE_MS = 30 * MINUTE
@@ -22,7 +28,23 @@ MAX_AGE_MS = 120 * MINUTE
 TOUCH_MS = MINUTE
 START_MS = 1_767_225_600_000
 
-run = asyncio.run
+Store = SQLiteStore | PostgresStore
+# One event loop per test (asyncpg's pool belongs to the loop that made it).
+_runner: asyncio.Runner | None = None
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    assert _runner is not None
+    return _runner.run(coro)
+
+
+@pytest.fixture(autouse=True)
+def loop() -> Iterator[None]:
+    global _runner
+    with asyncio.Runner() as runner:
+        _runner = runner
+        yield
+        _runner = None
 
 
 @pytest.fixture
@@ -30,17 +52,23 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStore]:
-    path = tmp_path / "auth.sqlite3"
-    migrate(path)
-    sqlite = SQLiteStore(path)
-    yield sqlite
-    sqlite.close()
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, loop: None) -> Iterator[Store]:
+    if request.param == "sqlite":
+        path = tmp_path / "auth.sqlite3"
+        migrate(path)
+        sqlite = SQLiteStore(path)
+        yield sqlite
+        run(sqlite.aclose())
+        return
+    with postgres.database() as url:
+        store = PostgresStore(url, pool_size=4, connect_timeout_s=5, statement_timeout_ms=5000)
+        yield store
+        run(store.aclose())
 
 
 @pytest.fixture
-def sessions(store: SQLiteStore, clock: ManualClock) -> Sessions:
+def sessions(store: Store, clock: ManualClock) -> Sessions:
     policy = SessionPolicy(idle_ms=IDLE_MS, max_age_ms=MAX_AGE_MS, touch_interval_ms=TOUCH_MS)
     return Sessions(store, clock=clock, policy=policy)
 
@@ -73,7 +101,7 @@ def rejection(sessions: Sessions, new: NewSession) -> Unauthenticated:
     return caught.value
 
 
-def stored_last_seen(store: SQLiteStore, new: NewSession) -> int:
+def stored_last_seen(store: Store, new: NewSession) -> int:
     principal = run(store.find_principal(hash_secret(new.secret)))
     assert principal is not None
     return principal.session.last_seen_ms
@@ -84,7 +112,7 @@ def stored_last_seen(store: SQLiteStore, new: NewSession) -> int:
 
 
 def test_sign_in_creates_the_user_and_a_session(
-    sessions: Sessions, store: SQLiteStore, clock: ManualClock
+    sessions: Sessions, store: Store, clock: ManualClock
 ) -> None:
     new = run(sessions.sign_in(identity("sub-1"), user_agent="x" * 500))
 
@@ -176,7 +204,7 @@ def test_a_session_used_just_before_the_idle_timeout_lives(
 
 
 def test_last_seen_is_written_at_most_once_per_touch_interval(
-    sessions: Sessions, store: SQLiteStore, clock: ManualClock
+    sessions: Sessions, store: Store, clock: ManualClock
 ) -> None:
     new = sign_in(sessions)
     signed_in_at = clock.now_ms()
