@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import secrets
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,6 +29,7 @@ from server.domain.models import subject_hash
 from tests.conftest import server_env
 from tests.support.client import Session, code_of
 from tests.support.clock import FileClock
+from tests.support.database import everything, rows
 from tests.support.google import ISSUER, FakeGoogle
 from tests.support.http import Response, connect_post
 from tests.support.server import RunningServer, start_server
@@ -84,12 +82,6 @@ def sign_in_account(server: RunningServer, google: FakeGoogle, count: int) -> Ac
         session_ids.append(response.session.id)
         tokens.append(token)
     return Account(sub, email, user_id, devices, session_ids, tokens)
-
-
-def read_only_db(server: RunningServer) -> closing[sqlite3.Connection]:
-    """The server's database, opened read-only while it serves."""
-    path: Path = server.data_dir / "expense-auth.db"
-    return closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True))
 
 
 def raw_call(server: RunningServer, procedure: str, device: Session, **message: Any) -> Response:
@@ -182,24 +174,23 @@ def test_delete_ends_every_session_and_leaves_only_a_tombstone(
         assert code_of(err.value) == "unauthenticated", cookie
 
     hashed = subject_hash(ISSUER, me.sub)
-    with read_only_db(server) as db:
-        for query in (
-            "SELECT count(*) FROM users WHERE id = ?",
-            "SELECT count(*) FROM sessions WHERE user_id = ?",
-            "SELECT count(*) FROM audit_events WHERE user_id = ?",
-        ):
-            assert db.execute(query, (me.user_id,)).fetchone() == (0,), query
-        tombstones = db.execute(
-            "SELECT kind, user_id, reason, session_id, ip, user_agent FROM audit_events "
-            "WHERE subject_hash = ?",
-            (hashed,),
-        ).fetchall()
-        assert tombstones == [("account_deleted", None, "", "", "", "")]
-        deleted = db.execute(
-            "SELECT count(*) FROM deleted_accounts WHERE subject_hash = ?", (hashed,)
-        ).fetchone()
-        assert deleted == (1,)
-        dump = "\n".join(db.iterdump())
+    for query in (
+        "SELECT count(*) FROM users WHERE id = ?",
+        "SELECT count(*) FROM sessions WHERE user_id = ?",
+        "SELECT count(*) FROM audit_events WHERE user_id = ?",
+    ):
+        assert rows(server, query, me.user_id) == [(0,)], query
+    tombstones = rows(
+        server,
+        "SELECT kind, user_id, reason, session_id, ip, user_agent FROM audit_events "
+        "WHERE subject_hash = ?",
+        hashed,
+    )
+    assert tombstones == [("account_deleted", None, "", "", "", "")]
+    assert rows(server, "SELECT count(*) FROM deleted_accounts WHERE subject_hash = ?", hashed) == [
+        (1,)
+    ]
+    dump = everything(server)
     for trace in (me.email, me.sub, me.user_id, *me.session_ids):
         assert trace not in dump, f"{trace!r} is still in the database"
 
@@ -343,10 +334,7 @@ def test_security_history_newest_first(server: RunningServer, google: FakeGoogle
     # Nothing secret in what the user sees, nor in what the server stored.
     raw = raw_call(server, LIST_EVENTS, laptop)
     assert raw.status == 200, raw.body
-    with read_only_db(server) as db:
-        stored = repr(
-            db.execute("SELECT * FROM audit_events WHERE user_id = ?", (me.user_id,)).fetchall()
-        )
+    stored = repr(rows(server, "SELECT * FROM audit_events WHERE user_id = ?", me.user_id))
     for secret in [*cookie_values, *me.tokens]:
         for part in {secret, *secret.split(".")}:
             if len(part) >= 16:

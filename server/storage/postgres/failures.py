@@ -14,7 +14,7 @@ def classify(exc: BaseException) -> Failure | None:
     """The failure `exc` means, or None when it is not the database's (our own bug)."""
     if isinstance(exc, TimeoutError | OSError | asyncpg.exceptions.InterfaceError):
         return UNREACHABLE  # no connection in time, refused, reset, closed under us
-    if isinstance(exc, asyncpg.exceptions.QueryCanceledError | RETRYABLE):
+    if isinstance(exc, (asyncpg.exceptions.QueryCanceledError, *RETRYABLE)):
         return BUSY  # statement_timeout: a lock or the server held the call too long
     if isinstance(exc, asyncpg.exceptions.LockNotAvailableError):
         return BUSY

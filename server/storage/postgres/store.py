@@ -27,7 +27,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import asyncpg
 
-from server.domain.errors import Unavailable
+from server.domain.errors import DomainError, Unavailable
 from server.domain.models import (
     AuditEvent,
     Identity,
@@ -113,6 +113,8 @@ class PostgresStore:
                         else:
                             async with conn.transaction(isolation=isolation, readonly=readonly):
                                 result = await query(conn, *args, **kwargs)
+            except DomainError:
+                raise  # a rule of the domain said no (a replayed token...): not a failure
             except RETRYABLE:
                 if attempt + 1 < ATTEMPTS:
                     continue
