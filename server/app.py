@@ -56,7 +56,7 @@ from server.identity.verifier import GOOGLE_ISSUERS, IdTokenVerifier
 from server.ops import logs, telemetry
 from server.ops.backup_status import last_success, record_success
 from server.ops.jobs import Periodic, backup_job, retention_job
-from server.ops.metrics import Metrics, ScrapeTime
+from server.ops.metrics import Metrics
 from server.ops.readiness import SHUTDOWN_MARKER_ENV, Readiness, healthz
 from server.rpc.admin import AdminService
 from server.rpc.auth import AuthService
@@ -238,20 +238,25 @@ def create_app(
         max_age_ms=config.session_max_age_seconds * 1000,
     )
     sessions = Sessions(store, clock=clock, policy=policy)
-    signer = CookieSigner(keys)
+    metrics = Metrics()
+    signer = CookieSigner(keys, on_old_key=metrics.cookie_old_key.inc)
     cookies = SessionCookies(
         signer, secure=config.session_secure_cookie, max_age_s=config.session_max_age_seconds
     )
     dev = DevIssuer.load_or_create(config.data_dir) if config.dev_identity else None
     verifier = identity or build_verifier(config, clock=clock, dev=dev)
     warm_up()
-    counters = Counters(config.rate_limit_storage_url, clock=clock, fail_open=FAIL_OPEN)
+    counters = Counters(
+        config.rate_limit_storage_url,
+        clock=clock,
+        fail_open=FAIL_OPEN,
+        on_error=metrics.rate_limit_storage_errors.inc,
+    )
     throttle = Throttle(
         counters.counter,
         {name: parse_limits(getattr(config, f"rate_limit_{name}")) for name in POLICIES},
     )
     audit_log = Audit(store, clock=clock)
-    metrics = Metrics()
     readiness = Readiness(
         store,
         dependencies={
@@ -262,20 +267,16 @@ def create_app(
         clock=clock,
         on_check=metrics.readiness_checks.inc,
     )
-    metrics.add_scrape_time(
-        ScrapeTime(
-            old_key_verifications=lambda: signer.old_key_verifications,
-            storage_errors=lambda: store.incidents.counts,
-            rate_limit_storage_errors=lambda: counters.errors,
-        )
-    )
+    store.incidents.observe(lambda kind: metrics.storage_errors.labels(kind).inc())
     metrics.track_active_sessions(
         lambda: store.count_live_sessions(
             now_ms=clock.now_ms(), idle_cutoff_ms=clock.now_ms() - policy.idle_ms
         )
     )
     metrics.track_readiness(readiness.checks, readiness.dependencies)
-    metrics.last_backup.set_function(lambda: last_success(config.data_dir))
+    metrics.track(
+        lambda: asyncio.to_thread(lambda: metrics.last_backup.set(last_success(config.data_dir)))
+    )
     metrics.session_max_age.set(config.session_max_age_seconds)
 
     # The interceptor order, written once, first = outermost. All but Deadline

@@ -1,15 +1,24 @@
 """Prometheus metrics, served at `/metrics` on the admin listener.
 
-Counters and histograms are updated on the request path by the metrics
-interceptor; gauges that need the database are computed when scraped. The
-operational gauges (readiness checks, last backup, session lifetime, and the
-process collector's start time) exist for the alert rules in deploy/prometheus.
+Counters and histograms are updated where things happen (the metrics
+interceptor, the store, the limiter, the cookie signer); gauges that need the
+database are refreshed when scraped. The operational gauges (readiness checks,
+dependencies, last backup, session lifetime, and the process collector's start
+time) exist for the alert rules in deploy/prometheus.
+
+With several workers (`serve --workers N`) every worker writes its values to
+files in PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, set up
+by the supervisor), and whichever worker is scraped answers for all of them:
+counters and histograms are summed, gauges show the most recent value of a live
+worker. So a scrape is never one worker's fragment.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,52 +28,16 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import Scope
 
 from server.domain.errors import Unavailable
 from server.edge.router import PlainResponse
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-class ScrapeTime(Collector):
-    """Counts kept by other parts, read at scrape time."""
-
-    def __init__(
-        self,
-        *,
-        old_key_verifications: Callable[[], int],
-        storage_errors: Callable[[], Mapping[str, int]],
-        rate_limit_storage_errors: Callable[[], int],
-    ) -> None:
-        self._old_key = old_key_verifications
-        self._storage_errors = storage_errors
-        self._limit_errors = rate_limit_storage_errors
-
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        """Produce the metrics."""
-        yield CounterMetricFamily(
-            "expense_auth_cookie_old_key_verifications",
-            "Session cookies verified with a key other than the newest (rotation progress).",
-            value=self._old_key(),
-        )
-        errors = CounterMetricFamily(
-            "expense_auth_storage_errors",
-            "Store calls that failed because of the database, by kind (busy, disk_full, "
-            "read_only, io, damaged, error).",
-            labels=["kind"],
-        )
-        for kind, count in sorted(self._storage_errors().items()):
-            errors.add_metric([kind], count)
-        yield errors
-        yield CounterMetricFamily(
-            "expense_auth_rate_limit_storage_errors",
-            "Rate-limit calls that the shared storage (Redis) failed or did not answer in "
-            "time; each fell back to this process's own counts or passed.",
-            value=self._limit_errors(),
-        )
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# A gauge in multiprocess mode: the most recent value written by a live worker.
+LATEST: Literal["livemostrecent"] = "livemostrecent"
 
 
 class Metrics:
@@ -72,6 +45,10 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._exposition = self.registry
+        if os.environ.get(MULTIPROC_ENV):
+            self._exposition = CollectorRegistry()
+            MultiProcessCollector(self._exposition)  # type: ignore[no-untyped-call]
         self.rpc_duration = Histogram(
             "expense_auth_rpc_duration_seconds",
             "Duration of RPCs by procedure and result code.",
@@ -96,14 +73,34 @@ class Metrics:
             ["procedure"],
             registry=self.registry,
         )
+        self.cookie_old_key = Counter(
+            "expense_auth_cookie_old_key_verifications",
+            "Session cookies verified with a key other than the newest (rotation progress).",
+            registry=self.registry,
+        )
+        self.storage_errors = Counter(
+            "expense_auth_storage_errors",
+            "Store calls that failed because of the database, by kind (busy, disk_full, "
+            "read_only, io, damaged, error).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.rate_limit_storage_errors = Counter(
+            "expense_auth_rate_limit_storage_errors",
+            "Rate-limit calls that the shared storage (Redis) failed or did not answer in "
+            "time; each fell back to this process's own counts or passed.",
+            registry=self.registry,
+        )
         # process_start_time_seconds: the key-rotation alert compares the uptime with
-        # the session lifetime (a restart is when a new key list takes effect).
-        ProcessCollector(registry=self.registry)
+        # the session lifetime (a restart is when a new key list takes effect). With
+        # workers, the scraped worker's own (they start together).
+        ProcessCollector(registry=self._exposition)
         self.readiness = Gauge(
             "expense_auth_readiness_check",
             "1 when the readiness check passes, 0 when it fails (the checks of /readyz).",
             ["check"],
             registry=self.registry,
+            multiprocess_mode=LATEST,
         )
         self.dependency_up = Gauge(
             "expense_auth_dependency_up",
@@ -111,22 +108,26 @@ class Metrics:
             "verify Google ID tokens; rate_limit_storage: the shared limit counters), else 0.",
             ["dependency"],
             registry=self.registry,
+            multiprocess_mode=LATEST,
         )
         self.last_backup = Gauge(
             "expense_auth_backup_last_success_timestamp_seconds",
             "Unix time of the last verified backup (scheduled or `expense-auth backup`); "
             "0 when none was ever recorded.",
             registry=self.registry,
+            multiprocess_mode=LATEST,
         )
         self.session_max_age = Gauge(
             "expense_auth_session_max_age_seconds",
             "SESSION_MAX_AGE_SECONDS: after this long, no cookie signed by an old key is live.",
             registry=self.registry,
+            multiprocess_mode=LATEST,
         )
         self.active_sessions = Gauge(
             "expense_auth_active_sessions",
             "Sessions that are live now (NaN when the database cannot say).",
             registry=self.registry,
+            multiprocess_mode=LATEST,
         )
         self._before_scrape: list[Callable[[], Awaitable[None]]] = []
 
@@ -157,14 +158,14 @@ class Metrics:
 
         self._before_scrape.append(refresh)
 
-    def add_scrape_time(self, collector: ScrapeTime) -> None:
-        """Register values computed when scraped."""
-        self.registry.register(collector)
+    def track(self, refresh: Callable[[], Awaitable[None]]) -> None:
+        """Run `refresh` before each scrape (it sets a gauge)."""
+        self._before_scrape.append(refresh)
 
     async def endpoint(self, scope: Scope) -> PlainResponse:
         """The `/metrics` answer."""
         for refresh in self._before_scrape:
             await refresh()
         return PlainResponse(
-            status=200, body=generate_latest(self.registry), content_type=CONTENT_TYPE
+            status=200, body=generate_latest(self._exposition), content_type=CONTENT_TYPE
         )

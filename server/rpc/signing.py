@@ -8,7 +8,7 @@ keys oldest first: the newest signs, every listed key verifies.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from itsdangerous import BadSignature, Signer
 from itsdangerous.encoding import want_bytes
@@ -42,7 +42,9 @@ class _Signer(Signer):
 class CookieSigner:
     """Signs and verifies session cookie values with a rotating list of keys."""
 
-    def __init__(self, keys_oldest_first: Sequence[str]) -> None:
+    def __init__(
+        self, keys_oldest_first: Sequence[str], *, on_old_key: Callable[[], None] = lambda: None
+    ) -> None:
         if not keys_oldest_first:
             raise ValueError("at least one session key is required")
         self._signer = _Signer(list(keys_oldest_first))
@@ -50,6 +52,7 @@ class CookieSigner:
         self._newest = _Signer([keys_oldest_first[-1]])
         self._rotating = len(keys_oldest_first) > 1
         self.old_key_verifications = 0
+        self._on_old_key = on_old_key
 
     def sign(self, secret: str) -> str:
         """The cookie value for `secret`, signed with the newest key."""
@@ -75,4 +78,5 @@ class CookieSigner:
         except (BadSignature, UnicodeError):
             return None
         self.old_key_verifications += 1
+        self._on_old_key()
         return secret

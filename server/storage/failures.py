@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.domain.errors import Unavailable
@@ -80,9 +81,16 @@ class Incidents:
         self._lock = threading.Lock()
         self._open: dict[str, int] = {}
         self.counts: Counter[str] = Counter()
+        self._observers: list[Callable[[str], None]] = []
+
+    def observe(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(kind)` on every failed call (a metric)."""
+        self._observers.append(callback)
 
     def failed(self, failure: Failure, exc: BaseException | None) -> None:
         """Count a failed call; log the start of an incident of its kind."""
+        for callback in self._observers:
+            callback(failure.kind)
         with self._lock:
             self.counts[failure.kind] += 1
             started = failure.kind not in self._open

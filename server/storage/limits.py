@@ -176,7 +176,9 @@ class FallbackCounter:
         clock: Clock,
         timeout_s: float = REDIS_TIMEOUT_S,
         retry_s: float = REDIS_RETRY_S,
+        on_error: Callable[[], None] = lambda: None,
     ) -> None:
+        self._on_error = on_error
         self._redis = redis
         self._memory = memory
         self._fail_open = fail_open
@@ -216,6 +218,7 @@ class FallbackCounter:
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1
+        self._on_error()
         now = self._clock.monotonic_ms()
         self._skip_until_ms = now + self._retry_ms
         if self._down_since_ms is None:
@@ -235,14 +238,23 @@ class FallbackCounter:
 class Counters:
     """The counter for RATE_LIMIT_STORAGE_URL, and how it is doing."""
 
-    def __init__(self, url: str, *, clock: Clock, fail_open: frozenset[str]) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Clock,
+        fail_open: frozenset[str],
+        on_error: Callable[[], None] = lambda: None,
+    ) -> None:
         url = url.removeprefix("async+")
         memory = MemoryCounter(now=lambda: clock.monotonic_ms() / 1000)
         self.fallback: FallbackCounter | None = None
         self.counter: WindowCounter = memory
         if not url.startswith("memory://"):
             redis = RedisCounter(url, timeout_s=REDIS_TIMEOUT_S)
-            self.fallback = FallbackCounter(redis, memory, fail_open=fail_open, clock=clock)
+            self.fallback = FallbackCounter(
+                redis, memory, fail_open=fail_open, clock=clock, on_error=on_error
+            )
             self.counter = self.fallback
 
     async def status(self) -> str:
