@@ -1,9 +1,9 @@
 """The PostgreSQL store: every domain port over a pool of asyncpg connections.
 
-Why asyncpg (over psycopg 3 with psycopg_pool): the session check, a join by
-token hash on a pool of 8, cost half the client CPU per call with asyncpg in the
-same run (docs/benchmarks.md, "PostgreSQL driver"), and the client's CPU is what
-the single-threaded server pays. The price: asyncpg parses the URL itself and
+Why asyncpg (over psycopg 3 with psycopg_pool): measured on this engine's own
+statements (bench/pg_driver.py, docs/benchmarks.md "PostgreSQL driver"), the
+session check costs the same client CPU with both, and a write transaction less
+with asyncpg; the client's CPU is what the single-threaded server pays. The price: asyncpg parses the URL itself and
 takes the libpq parameters it knows (host, port, user, password, dbname,
 sslmode, sslrootcert, sslcert, sslkey, sslcrl, passfile, target_session_attrs,
 service...), not every libpq option.
