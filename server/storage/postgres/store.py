@@ -3,10 +3,10 @@
 Why asyncpg (over psycopg 3 with psycopg_pool): measured on this engine's own
 statements (bench/pg_driver.py, docs/benchmarks.md "PostgreSQL driver"), the
 session check costs the same client CPU with both, and a write transaction less
-with asyncpg; the client's CPU is what the single-threaded server pays. The price: asyncpg parses the URL itself and
-takes the libpq parameters it knows (host, port, user, password, dbname,
-sslmode, sslrootcert, sslcert, sslkey, sslcrl, passfile, target_session_attrs,
-service...), not every libpq option.
+with asyncpg; the client's CPU is what the single-threaded server pays. The
+price: asyncpg parses the URL itself and takes the libpq parameters it knows
+(host, port, user, password, dbname, sslmode, sslrootcert, sslcert, sslkey,
+sslcrl, passfile, target_session_attrs, service...), not every libpq option.
 
 Every session check reads the database: one indexed join, no cache, so a
 revocation on any replica is refused by every replica at the very next request
