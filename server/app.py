@@ -57,7 +57,13 @@ from server.ops import logs, telemetry
 from server.ops.backup_status import last_success, record_success
 from server.ops.jobs import Periodic, backup_job, retention_job
 from server.ops.metrics import Metrics
-from server.ops.readiness import SHUTDOWN_MARKER_ENV, Readiness, healthz
+from server.ops.readiness import (
+    SHUTDOWN_MARKER_ENV,
+    WORKERS_STATUS_ENV,
+    Readiness,
+    healthz,
+    workers_check,
+)
 from server.rpc.admin import AdminService
 from server.rpc.auth import AuthService
 from server.rpc.codecs import DepthLimitedJSONCodec
@@ -177,7 +183,13 @@ def app_from_environment(*, clock: Clock | None = None) -> App:
     config = load_config()
     logs.configure(production=config.production, level=config.log_level)
     marker = os.environ.get(SHUTDOWN_MARKER_ENV)
-    return create_app(config, clock=clock, shutdown_marker=Path(marker) if marker else None)
+    workers = os.environ.get(WORKERS_STATUS_ENV)
+    return create_app(
+        config,
+        clock=clock,
+        shutdown_marker=Path(marker) if marker else None,
+        workers_status=Path(workers) if workers else None,
+    )
 
 
 def _dev_secret(data_dir: Path) -> str:
@@ -216,6 +228,7 @@ def create_app(
     clock: Clock | None = None,
     identity: IdTokenVerifier | None = None,
     shutdown_marker: Path | None = None,
+    workers_status: Path | None = None,
 ) -> App:
     """Build the whole service from its configuration.
 
@@ -226,6 +239,8 @@ def create_app(
             issuer's when enabled), built from `config`.
         shutdown_marker: A file whose existence means shutdown has begun (readiness
             turns false); `expense-auth serve` creates it on SIGTERM.
+        workers_status: With `serve --workers N`, the supervisor's status file
+            (readiness reports the `workers` dependency from it).
 
     Raises:
         SchemaNotReady: The database has pending migrations.
@@ -262,6 +277,7 @@ def create_app(
         dependencies={
             "identity_keys": lambda: _keys_status(verifier),
             "rate_limit_storage": counters.status,
+            **({"workers": workers_check(workers_status)} if workers_status else {}),
         },
         shutdown_marker=shutdown_marker,
         clock=clock,

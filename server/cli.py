@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--no-admin", action="store_true", help="do not open the admin listener at all"
+    )
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        help="serving processes on the port: a number, or `auto` for one per CPU "
+        "(default: WORKERS, else 1); more than one needs a shared RATE_LIMIT_STORAGE_URL",
     )
     serve.add_argument(
         "--no-migrate",
@@ -203,6 +210,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     private_dir(run_dir)
     marker = run_dir / f"shutdown-{os.getpid()}"
     marker.unlink(missing_ok=True)
+    state_dir = run_dir / f"workers-{os.getpid()}"
     try:
         return asyncio.run(
             serve(
@@ -217,6 +225,8 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
                 shutdown_marker=marker,
                 https=config.https,
                 max_connections=config.max_connections,
+                workers=config.workers,
+                state_dir=state_dir if config.workers > 1 else None,
             )
         )
     except (PortInUse, StartupError) as exc:
@@ -224,6 +234,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         return 2
     finally:
         marker.unlink(missing_ok=True)
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def _check_file_modes(config: Config) -> None:
@@ -252,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.umask(UMASK)
     args = _parser().parse_args(argv)
     try:
-        config = load_config()
+        workers = getattr(args, "workers", None)
+        config = load_config(overrides={"WORKERS": workers} if workers else None)
     except ConfigError as exc:
         print(f"expense-auth: {exc}", file=sys.stderr)
         return 2

@@ -141,6 +141,7 @@ class Config(BaseModel):
     admin_token: SecretStr | None = None
     drain_seconds: float = Field(default=10.0, ge=0, le=600)
     max_connections: int = Field(default=4096, ge=1, le=1_000_000)
+    workers: int = Field(default=1, ge=1, le=256)
 
     @field_validator("google_client_id", "cors_allowed_origin", "trusted_proxies", mode="before")
     @classmethod
@@ -183,6 +184,13 @@ class Config(BaseModel):
             raise ValueError(
                 f"expected limits such as '10/minute;60/hour', got {value!r}"
             ) from None
+        return value
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return len(os.sched_getaffinity(0))  # the CPUs this process may run on
         return value
 
     @field_validator("rate_limit_storage_url")
@@ -240,6 +248,14 @@ class Config(BaseModel):
             problems.append(
                 "SESSION_MAX_AGE_SECONDS: must be at least SESSION_IDLE_TIMEOUT_SECONDS "
                 f"({self.session_idle_timeout_seconds}), got {self.session_max_age_seconds}"
+            )
+        if self.workers > 1 and self.rate_limit_storage_url.removeprefix("async+").startswith(
+            "memory://"
+        ):
+            problems.append(
+                f"RATE_LIMIT_STORAGE_URL: with WORKERS={self.workers} the rate limits must be "
+                "shared, or every worker counts alone and a client gets "
+                f"{self.workers} times each limit; set it to redis://HOST:PORT/DB"
             )
         if self.app_env == "production":
             if not self.google_client_id:
@@ -353,7 +369,10 @@ class Config(BaseModel):
 
 
 def load_config(
-    environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = ".env"
+    environ: Mapping[str, str] | None = None,
+    *,
+    env_file: str | Path | None = ".env",
+    overrides: Mapping[str, str] | None = None,
 ) -> Config:
     """Build the configuration from `environ` (default: the process environment).
 
@@ -361,6 +380,7 @@ def load_config(
         environ: Variables to read instead of the process environment, for tests.
         env_file: An optional dotenv file, read when `environ` is None; the real
             environment wins over it.
+        overrides: Variables that win over both (command-line options).
 
     Raises:
         ConfigError: Listing every problem found, each naming its variable.
@@ -371,6 +391,7 @@ def load_config(
             merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
         merged.update(os.environ)
         environ = merged
+    environ = {**environ, **(overrides or {})}
     known = set(Config.model_fields)
     values = {k.lower(): v for k, v in environ.items() if k.lower() in known}
     try:

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
+
+# Set by `expense-auth serve --workers N` in each worker ("2/4"); every line that
+# worker logs carries it as `worker`.
+WORKER_ENV = "EXPENSE_AUTH_WORKER"
 
 _STANDARD = frozenset(
     logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys() | {"message", "asctime"}
@@ -61,10 +66,26 @@ def _quote(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+class _Tag(logging.Filter):
+    """Adds `worker` to every record."""
+
+    def __init__(self, worker: str) -> None:
+        super().__init__()
+        self._worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Tag the record; never drop it."""
+        record.worker = self._worker
+        return True
+
+
 def configure(*, production: bool, level: str) -> None:
     """Send all logs to stderr in the format for the environment."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if production else KeyValueFormatter())
+    worker = os.environ.get(WORKER_ENV)
+    if worker:
+        handler.addFilter(_Tag(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

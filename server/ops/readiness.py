@@ -12,6 +12,7 @@ the app runs in Envoy's process, where Python cannot install signal handlers.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ class _Report:
 # The environment variable through which `expense-auth serve` tells the app
 # (in Envoy's process) where the shutdown marker file will appear.
 SHUTDOWN_MARKER_ENV = "EXPENSE_AUTH_SHUTDOWN_MARKER"
+# With several workers, the file where `expense-auth serve` keeps how many run.
+WORKERS_STATUS_ENV = "EXPENSE_AUTH_WORKERS_FILE"
 
 
 class StoreProbe(Protocol):
@@ -45,6 +48,29 @@ class StoreProbe(Protocol):
 
 # A dependency's state: "ok", or what is wrong with it (it does not gate readiness).
 DependencyCheck = Callable[[], Awaitable[str]]
+
+
+def workers_check(status_file: Path) -> DependencyCheck:
+    """The `workers` dependency: "ok" while every worker of `serve --workers N` runs.
+
+    Not gating: while one worker restarts the others serve, and every worker
+    answers /readyz for the whole (they share the database and the shutdown marker).
+    """
+
+    def read() -> str:
+        try:
+            status = json.loads(status_file.read_text())
+            workers, running = int(status["workers"]), int(status["running"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return "unknown: the supervisor's status file cannot be read"
+        if running >= workers:
+            return "ok"
+        return f"degraded: {running} of {workers} workers running; the others are restarting"
+
+    async def check() -> str:
+        return await asyncio.to_thread(read)
+
+    return check
 
 
 class Readiness:

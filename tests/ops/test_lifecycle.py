@@ -7,6 +7,7 @@ behind.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -41,6 +42,7 @@ from tests.support.burst import (
 from tests.support.client import code_of
 from tests.support.google import FakeGoogle
 from tests.support.http import Response, connect_post, request
+from tests.support.redis_server import redis_server
 from tests.support.server import RunningServer, start_server
 
 CLI = str(Path(sys.executable).parent / "expense-auth")
@@ -74,8 +76,19 @@ def open_db(path: Path) -> closing[sqlite3.Connection]:
 EXIT_TIMEOUT_S = 30
 
 
-def test_sigterm_during_a_burst_loses_no_call(tmp_path: Path, google: FakeGoogle) -> None:
-    server = start_server(tmp_path, server_env(google, DRAIN_SECONDS="10"))
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_during_a_burst_loses_no_call(
+    tmp_path: Path, google: FakeGoogle, workers: int
+) -> None:
+    with contextlib.ExitStack() as stack:
+        env = server_env(google, DRAIN_SECONDS="10")
+        if workers > 1:  # `serve --workers 2`: SIGTERM drains both
+            redis = stack.enter_context(redis_server(tmp_path))
+            env |= {"WORKERS": str(workers), "RATE_LIMIT_STORAGE_URL": redis.url}
+        _sigterm_during_a_burst(start_server(tmp_path, env), google)
+
+
+def _sigterm_during_a_burst(server: RunningServer, google: FakeGoogle) -> None:
     exit_codes: list[int] = []
 
     def stop() -> None:
