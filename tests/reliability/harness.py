@@ -17,13 +17,17 @@ import signal
 import sqlite3
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import asyncpg
+
 from server.config import Config
+from tests.support import postgres
+from tests.support.database import rows
 from tests.support.server import RunningServer
 
 AUTH = "/expense.auth.v1.AuthService"
@@ -247,7 +251,7 @@ def server_alive(server: RunningServer) -> bool:
         return False
 
 
-# --- the server's log and database -------------------------------------------------------------
+# --- the server's log and its SQLite file -----------------------------------------------------
 
 
 def log_faults(server: RunningServer, *, limit: int = 5) -> list[str]:
@@ -263,7 +267,7 @@ def log_faults(server: RunningServer, *, limit: int = 5) -> list[str]:
 
 
 def database(server: RunningServer) -> Path:
-    """The server's SQLite file."""
+    """The server's SQLite file (SQLite only: the fault tests act on the file itself)."""
     return server.data_dir / DATABASE_FILE
 
 
@@ -278,24 +282,116 @@ def integrity_problems(path: Path) -> list[str]:
     """What `PRAGMA integrity_check` and `foreign_key_check` report; empty when sound."""
     conn = read_only(path)
     try:
-        rows = [str(row[0]) for row in conn.execute("PRAGMA integrity_check")]
-        problems = [] if rows == ["ok"] else rows
+        found = [str(row[0]) for row in conn.execute("PRAGMA integrity_check")]
+        problems = [] if found == ["ok"] else found
         problems += [f"foreign key: {row}" for row in conn.execute("PRAGMA foreign_key_check")]
         return problems
     finally:
         conn.close()
 
 
-def live_session_ids(path: Path, user_id: str) -> set[str]:
-    """The ids of the user's unrevoked, unexpired sessions, read from the file."""
-    conn = read_only(path)
+# --- either engine ----------------------------------------------------------------------------
+
+ENGINES = ("sqlite", "postgres")
+
+
+def engine_of(server: RunningServer) -> str:
+    """`sqlite` or `postgres`: the engine the server stores its data in."""
+    url = server.env.get("DATABASE_URL", "")
+    return "postgres" if url.startswith(("postgresql://", "postgres://")) else "sqlite"
+
+
+@contextlib.contextmanager
+def engine_env(engine: str) -> Iterator[dict[str, str]]:
+    """The environment that puts a server on `engine`, for the block.
+
+    SQLite needs nothing (its file is in DATA_DIR). PostgreSQL gets a throwaway
+    database, unmigrated (the server migrates it at start, as in production),
+    dropped at the end of the block: stop its servers first.
+    """
+    if engine == "sqlite":
+        yield {}
+        return
+    assert engine == "postgres", engine
+    with postgres.database(migrated=False) as url:
+        yield {"DATABASE_URL": url}
+
+
+def store_problems(server: RunningServer) -> list[str]:
+    """What is wrong with the server's database; empty when it is sound.
+
+    On both engines, with SQL: no session without its user (the one foreign key).
+    SQLite: `integrity_check` and `foreign_key_check` of the file. PostgreSQL,
+    whose foreign keys the engine enforces: the key is in place and every
+    constraint is validated, and amcheck finds no damage in any table or B-tree
+    index (its equivalent of `integrity_check`).
+    """
+    orphans = rows(
+        server,
+        "SELECT s.id FROM sessions AS s LEFT JOIN users AS u ON u.id = s.user_id "
+        "WHERE u.id IS NULL",
+    )
+    problems = [f"session {row[0]} has no user" for row in orphans]
+    if engine_of(server) == "sqlite":
+        return problems + integrity_problems(database(server))
+    return problems + _postgres_problems(server)
+
+
+# amcheck over every table and every B-tree index of the service (schema public).
+_PG_VERIFY_HEAPS = """
+    SELECT c.oid::regclass::text, v.blkno, v.offnum, v.msg
+    FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+    CROSS JOIN LATERAL verify_heapam(c.oid) AS v
+    WHERE n.nspname = 'public' AND c.relkind = 'r'
+"""
+_PG_CHECK_BTREES = """
+    SELECT bt_index_check(c.oid, true)
+    FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+    JOIN pg_am AS a ON a.oid = c.relam
+    WHERE n.nspname = 'public' AND c.relkind = 'i' AND a.amname = 'btree'
+"""
+
+
+def _postgres_problems(server: RunningServer) -> list[str]:
+    problems: list[str] = []
+    foreign_keys = rows(
+        server,
+        "SELECT confrelid::regclass::text FROM pg_constraint "
+        "WHERE contype = 'f' AND conrelid = 'sessions'::regclass",
+    )
+    if foreign_keys != [("users",)]:
+        problems.append(f"sessions' foreign keys are {foreign_keys}, not one to users")
+    not_valid = rows(
+        server,
+        "SELECT conrelid::regclass::text, conname FROM pg_constraint AS k "
+        "JOIN pg_namespace AS n ON n.oid = k.connamespace "
+        "WHERE n.nspname = 'public' AND NOT k.convalidated",
+    )
+    problems += [f"constraint {table}.{name} is not validated" for table, name in not_valid]
+    # amcheck goes into the test's own throwaway database, never into a real one.
+    assert "/expense_auth_test_" in server.env["DATABASE_URL"], "not a throwaway database"
+    rows(server, "CREATE EXTENSION IF NOT EXISTS amcheck")
+    heap = rows(server, _PG_VERIFY_HEAPS)
+    problems += [f"amcheck: {table} block {blk} item {off}: {msg}" for table, blk, off, msg in heap]
     try:
-        now_ms = int(time.time() * 1000)
-        rows = conn.execute(
-            "SELECT id FROM sessions WHERE user_id = ? AND revoke_ms IS NULL "
-            "AND expire_ms > ? AND last_seen_ms > ?",
-            (user_id, now_ms, now_ms - IDLE_TIMEOUT_S * 1000),
-        )
-        return {str(row[0]) for row in rows}
-    finally:
-        conn.close()
+        checked = rows(server, _PG_CHECK_BTREES)
+    except asyncpg.PostgresError as exc:  # amcheck raises on the first damaged index
+        problems.append(f"amcheck: {exc}")
+    else:
+        if not checked:
+            problems.append("amcheck found no B-tree index to check")
+    return problems
+
+
+def live_session_ids(server: RunningServer, user_id: str) -> set[str]:
+    """The ids of the user's unrevoked, unexpired sessions, read from the database."""
+    now_ms = int(time.time() * 1000)
+    found = rows(
+        server,
+        "SELECT id FROM sessions WHERE user_id = ? AND revoke_ms IS NULL "
+        "AND expire_ms > ? AND last_seen_ms > ?",
+        user_id,
+        now_ms,
+        now_ms - IDLE_TIMEOUT_S * 1000,
+    )
+    return {str(row[0]) for row in found}

@@ -2,7 +2,9 @@
 
 Each scenario releases 50 threads from a barrier, each on its own connection,
 so that the calls are in the server together. The outcome is checked from both
-sides: the answers the clients got, and the SQLite file itself, read-only.
+sides: the answers the clients got, and the database itself, read beside the
+server. Every scenario runs on each engine: SQLite serializes the writes,
+PostgreSQL runs them side by side under row locks and unique constraints.
 """
 
 from __future__ import annotations
@@ -19,17 +21,18 @@ from tests.conftest import server_env
 from tests.interop.tools import new_sub
 from tests.reliability.harness import (
     AUTH,
+    ENGINES,
     Conn,
     Reply,
     SignedIn,
-    database,
-    integrity_problems,
+    engine_env,
     live_session_ids,
     log_faults,
-    read_only,
     sign_in,
     signed_in,
+    store_problems,
 )
+from tests.support.database import rows
 from tests.support.google import ISSUER, FakeGoogle
 from tests.support.server import RunningServer, start_server
 
@@ -39,14 +42,16 @@ PARALLEL = 50
 T = TypeVar("T")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=ENGINES)
 def race_server(
-    tmp_path_factory: pytest.TempPathFactory, google: FakeGoogle
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, google: FakeGoogle
 ) -> Iterator[RunningServer]:
-    """A server of this module's own; its log must stay clean."""
-    running = start_server(tmp_path_factory.mktemp("concurrency"), server_env(google))
-    yield running
-    assert running.stop() == 0, running.logs()[-3000:]
+    """A server of this module's own, on each engine in turn; its log must stay clean."""
+    with engine_env(request.param) as env:
+        tmp = tmp_path_factory.mktemp(f"concurrency-{request.param}")
+        running = start_server(tmp, server_env(google, **env))
+        yield running
+        assert running.stop() == 0, running.logs()[-3000:]
 
 
 def all_at_once(server: RunningServer, calls: list[Callable[[Conn], T]]) -> list[T]:
@@ -119,19 +124,13 @@ def test_parallel_first_sign_ins_of_one_new_user_create_one_user(
     assert len(user_ids) == 1, user_ids
     user_id = user_ids.pop()
     assert len(session_ids) == PARALLEL
-    conn = read_only(database(race_server))
-    try:
-        users = conn.execute(
-            "SELECT id FROM users WHERE issuer = ? AND subject = ?", (ISSUER, sub)
-        ).fetchall()
-        stored = {
-            row[0] for row in conn.execute("SELECT id FROM sessions WHERE user_id = ?", (user_id,))
-        }
-    finally:
-        conn.close()
+    users = rows(race_server, "SELECT id FROM users WHERE issuer = ? AND subject = ?", ISSUER, sub)
+    stored = {
+        row[0] for row in rows(race_server, "SELECT id FROM sessions WHERE user_id = ?", user_id)
+    }
     assert [row[0] for row in users] == [user_id]
     assert stored == session_ids
-    assert live_session_ids(database(race_server), user_id) == session_ids
+    assert live_session_ids(race_server, user_id) == session_ids
     print(f"\nconcurrency: {PARALLEL} parallel first sign-ins -> 1 user, {len(stored)} sessions")
 
 
@@ -154,7 +153,7 @@ def test_parallel_self_revocations_leave_no_live_session(
 
     assert Counter(outcome(r) for r in replies) == {"ok": PARALLEL}, [str(r) for r in replies]
     assert all(r.header("set-cookie") for r in replies)  # each cookie expired
-    assert live_session_ids(database(race_server), sessions[0].user_id) == set()
+    assert live_session_ids(race_server, sessions[0].user_id) == set()
     assert not any(works(race_server, s) for s in sessions)
 
 
@@ -182,7 +181,7 @@ def test_parallel_ring_of_revocations_revokes_exactly_what_was_acknowledged(
     revoked = {
         target.session_id for (_, target), o in zip(ring, outcomes, strict=True) if o == "ok"
     }
-    live = live_session_ids(database(race_server), sessions[0].user_id)
+    live = live_session_ids(race_server, sessions[0].user_id)
     assert live == {s.session_id for s in sessions} - revoked
     assert {s.session_id for s in sessions if works(race_server, s)} == live
     assert "unauthenticated" in outcomes, (
@@ -199,7 +198,7 @@ def test_parallel_revocations_of_one_session_succeed_once(
     replies = all_at_once(race_server, [revoke(target.session_id, c.cookie) for c in callers])
 
     assert Counter(outcome(r) for r in replies) == {"ok": 1, "not_found": PARALLEL - 1}
-    live = live_session_ids(database(race_server), target.user_id)
+    live = live_session_ids(race_server, target.user_id)
     assert live == {c.session_id for c in callers}
     assert not works(race_server, target)
 
@@ -212,7 +211,7 @@ def revoke_other_sessions_at_once(
     replies = all_at_once(
         server, [call(f"{AUTH}/RevokeOtherSessions", {}, cookie=s.cookie) for s in sessions]
     )
-    live = live_session_ids(database(server), sessions[0].user_id)
+    live = live_session_ids(server, sessions[0].user_id)
     outcomes = Counter(outcome(r) for r in replies)
     print(f"\nconcurrency: {PARALLEL} RevokeOtherSessions -> {outcomes}, {len(live)} live")
     return sessions, replies, live
@@ -250,5 +249,5 @@ def test_parallel_revoke_other_sessions_keeps_each_caller_it_answered_ok_signed_
 
 
 def test_database_and_log_are_sound_after_the_races(race_server: RunningServer) -> None:
-    assert integrity_problems(database(race_server)) == []
+    assert store_problems(race_server) == []
     assert log_faults(race_server) == []

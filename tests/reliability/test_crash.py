@@ -3,11 +3,17 @@
 Worker threads sign in (new users and returning ones, each with a fresh token),
 read their sessions and change their profiles, against whichever server is up.
 The main thread lets the load run, then SIGKILLs Envoy (which runs the app and
-holds the database) and its `expense-auth serve` parent at an unpredictable
-moment, as a machine crash would, and restarts the server on the same DATA_DIR.
+holds the database connections) and its `expense-auth serve` parent at an
+unpredictable moment, as a machine crash would, and restarts the server on the
+same DATA_DIR and database. Both engines: SQLite (the file in DATA_DIR, which
+the killed process had open) and PostgreSQL (a throwaway database; the kill
+drops the app's connections mid-transaction).
 
 After every restart, before the load resumes:
-- `PRAGMA integrity_check` is `ok` and `PRAGMA foreign_key_check` finds nothing;
+- the database is sound (harness.store_problems): no session without its user;
+  on SQLite `PRAGMA integrity_check` is `ok` and `foreign_key_check` finds
+  nothing; on PostgreSQL the foreign key is in place, every constraint is
+  validated and amcheck finds no damaged table or index;
 - every sign-in that was acknowledged to a client (a 200 carrying a session and
   its cookie), in any earlier round, still has a working session: GetSession
   with its cookie answers 200 with the same session and user.
@@ -15,16 +21,17 @@ After every restart, before the load resumes:
 Every request that was not cut off by a kill must have been answered as a
 well-behaved client expects (no errors, no dropped connections).
 
-SIGKILL loses the process, not the machine's page cache, so this is a process
-crash. A power cut is not simulated; the last test checks the precondition for
-surviving one instead: the commit is fsynced before the answer (see
-docs/reliability.md).
+SIGKILL loses the process, not the machine's page cache (nor, with PostgreSQL,
+the database server), so this is a process crash. A power cut is not simulated;
+the last test checks the precondition for surviving one instead: the commit is
+on stable storage before the answer (see docs/reliability.md).
 
 Run longer with CRASH_KILLS=50 (default 10).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
@@ -36,24 +43,27 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from tests.conftest import require_tool, server_env
 from tests.interop.tools import new_sub
 from tests.reliability.harness import (
     AUTH,
+    ENGINES,
     USER,
     Conn,
     Dropped,
     SignedIn,
-    database,
+    engine_env,
     envoy_pid,
-    integrity_problems,
     kill_hard,
     log_faults,
     sign_in,
     signed_in,
+    store_problems,
 )
+from tests.support.database import rows
 from tests.support.google import FakeGoogle
 from tests.support.server import RunningServer, start_server
 
@@ -226,53 +236,69 @@ def broken_sessions(server: RunningServer, acked: list[tuple[int, SignedIn]]) ->
             conn.close()
 
 
-def restart(tmp: Path, google: FakeGoogle, data_dir: Path, load: Load) -> tuple[RunningServer, int]:
-    """Start a server on `data_dir`, check that everything acknowledged so far survived.
+def restart(
+    tmp: Path, google: FakeGoogle, data_dir: Path, env: dict[str, str], load: Load
+) -> tuple[RunningServer, int]:
+    """Start a server on `data_dir` (and the database in `env`), check that everything
+    acknowledged so far survived.
 
     Returns the server and how many acknowledged sessions were checked.
     """
-    server = start_server(tmp, server_env(google), data_dir=data_dir)
-    problems = integrity_problems(database(server))
-    assert not problems, f"database damaged after a kill: {problems}"
-    acked = load.acknowledged()
-    broken = broken_sessions(server, acked)
-    assert not broken, (
-        f"{len(broken)} of {len(acked)} acknowledged sign-ins lost their session "
-        f"after a kill:\n" + "\n".join(broken[:20])
-    )
+    server = start_server(tmp, server_env(google, **env), data_dir=data_dir)
+    try:
+        problems = store_problems(server)
+        assert not problems, f"database damaged after a kill: {problems}"
+        acked = load.acknowledged()
+        broken = broken_sessions(server, acked)
+        assert not broken, (
+            f"{len(broken)} of {len(acked)} acknowledged sign-ins lost their session "
+            f"after a kill:\n" + "\n".join(broken[:20])
+        )
+    except BaseException:
+        server.stop()
+        raise
     return server, len(acked)
 
 
-def test_acknowledged_sign_ins_survive_repeated_sigkill(tmp_path: Path, google: FakeGoogle) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_acknowledged_sign_ins_survive_repeated_sigkill(
+    engine: str, tmp_path: Path, google: FakeGoogle
+) -> None:
     started = time.monotonic()
-    data_dir = tmp_path / "var"  # one database for every server
+    data_dir = tmp_path / "var"  # one DATA_DIR (the cookie key, the SQLite file) for every server
     load = Load(google, subjects=[new_sub() for _ in range(RETURNING_USERS)])
-    load.start(WORKERS)
     rng = random.Random()  # noqa: S311 (kill timing, not a secret)
     rounds: list[Round] = []
-    try:
-        for _ in range(KILLS):
-            t0 = time.monotonic()
-            server, verified = restart(tmp_path, google, data_dir, load)
-            round_ = Round(start_s=time.monotonic() - t0, verified=verified)
-            generation = load.serve(server.port)
-            deadline = time.monotonic() + PROGRESS_TIMEOUT_S
-            while load.acked_in(generation) < MIN_ACKS_PER_ROUND:
-                assert not load.unexpected, load.unexpected[:10]
-                assert time.monotonic() < deadline, f"no progress:\n{server.logs()[-3000:]}"
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0, MAX_KILL_DELAY_S))
-            load.killing()
-            kill_hard(server)
-            round_.acked = load.acked_in(generation)
-            rounds.append(round_)
-            faults = log_faults(server)
-            assert not faults, faults
-        final, verified = restart(tmp_path, google, data_dir, load)
-        rounds.append(Round(verified=verified))
-    finally:
-        load.stop()
-    assert final.stop() == 0, final.logs()[-3000:]
+    up: RunningServer | None = None  # the server running now, if any
+    with engine_env(engine) as env:
+        load.start(WORKERS)
+        try:
+            for _ in range(KILLS):
+                t0 = time.monotonic()
+                up, verified = restart(tmp_path, google, data_dir, env, load)
+                round_ = Round(start_s=time.monotonic() - t0, verified=verified)
+                generation = load.serve(up.port)
+                deadline = time.monotonic() + PROGRESS_TIMEOUT_S
+                while load.acked_in(generation) < MIN_ACKS_PER_ROUND:
+                    assert not load.unexpected, load.unexpected[:10]
+                    assert time.monotonic() < deadline, f"no progress:\n{up.logs()[-3000:]}"
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0, MAX_KILL_DELAY_S))
+                load.killing()
+                killed_server, up = up, None
+                kill_hard(killed_server)
+                round_.acked = load.acked_in(generation)
+                rounds.append(round_)
+                faults = log_faults(killed_server)
+                assert not faults, faults
+            up, verified = restart(tmp_path, google, data_dir, env, load)
+            rounds.append(Round(verified=verified))
+        finally:
+            load.stop()
+            # Stopped before its database is dropped, also when a round failed.
+            exit_code = up.stop() if up is not None else None
+        assert up is not None
+        assert exit_code == 0, up.logs()[-3000:]
 
     assert not load.unexpected, f"{len(load.unexpected)} unexpected answers:\n" + "\n".join(
         load.unexpected[:20]
@@ -281,8 +307,8 @@ def test_acknowledged_sign_ins_survive_repeated_sigkill(tmp_path: Path, google: 
     assert len(killed) == KILLS
     starts = sorted(r.start_s for r in killed)
     print(
-        f"\ncrash: {KILLS} kills; {len(load.acked)} acknowledged sign-ins, all intact after "
-        f"every restart ({sum(r.verified for r in rounds)} GetSession checks); "
+        f"\ncrash ({engine}): {KILLS} kills; {len(load.acked)} acknowledged sign-ins, all intact "
+        f"after every restart ({sum(r.verified for r in rounds)} GetSession checks); "
         f"acknowledged per server {[r.acked for r in killed]}; calls {dict(load.calls)}; "
         f"{load.cut_off} requests cut off by the kills; restart and checks "
         f"{starts[0]:.1f}-{starts[-1]:.1f} s (median {starts[len(starts) // 2]:.1f}); "
@@ -303,14 +329,23 @@ def tracer_of(pid: int) -> int:
     return 0
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 def test_a_sign_in_is_on_stable_storage_before_it_is_acknowledged(
-    tmp_path: Path, google: FakeGoogle
+    engine: str, tmp_path: Path, google: FakeGoogle
 ) -> None:
-    """Each acknowledged sign-in was preceded by an fsync of the database (strace counts them).
+    """SIGKILL cannot lose what the kernel (or the database server) already holds; a power
+    cut can. Only a commit that reached the disk before the answer survives one."""
+    if engine == "sqlite":
+        fsynced_before_acknowledged(tmp_path, google)
+    else:
+        flushed_before_acknowledged(tmp_path, google)
 
-    SIGKILL cannot lose what the kernel already holds; a power cut can. Only a
-    commit that reached the disk (fsync/fdatasync of the WAL) before the answer
-    survives one.
+
+def fsynced_before_acknowledged(tmp_path: Path, google: FakeGoogle) -> None:
+    """SQLite: each acknowledged sign-in was preceded by an fsync of the database.
+
+    strace counts the fsync/fdatasync calls of the process that holds the file:
+    with WAL, the commit is on the disk once the WAL is synced.
     """
     strace = require_tool(shutil.which("strace"), "strace")
     server = start_server(tmp_path, server_env(google))
@@ -343,3 +378,93 @@ def test_a_sign_in_is_on_stable_storage_before_it_is_acknowledged(
     assert len(syncs) >= SYNCED_SIGN_INS, (
         f"{SYNCED_SIGN_INS} acknowledged sign-ins, {len(syncs)} fsync/fdatasync calls"
     )
+
+
+@dataclass(frozen=True)
+class Flushed:
+    """One acknowledged sign-in and the WAL around it."""
+
+    session: SignedIn
+    before: str  # the WAL insert position before the request was sent
+    at_ack: str  # how far PostgreSQL had flushed its WAL when the answer arrived
+
+
+def flushed_before_acknowledged(tmp_path: Path, google: FakeGoogle) -> None:
+    """PostgreSQL: each acknowledged sign-in's commit record was flushed before the answer.
+
+    The disk belongs to the database server, so the question becomes: did the app
+    wait for COMMIT (and leave `synchronous_commit` on) before it answered? Right
+    after each answer the test reads PostgreSQL's WAL flush position; afterwards
+    pg_walinspect finds the commit record of the transaction that wrote the
+    session (the row's xmin) and the record must end at or before that position.
+    An app that answered before its commit returned, or committed asynchronously,
+    leaves its commit record past it (unless another client's commit happened to
+    flush it in the milliseconds between: then the test passes by luck, never
+    fails by it). Then the server is SIGKILLed at once and every acknowledged
+    session must be in the database. Whether PostgreSQL's own flush reaches the
+    platters (`fsync`, the disk's cache) is the database server's configuration.
+    """
+    with engine_env("postgres") as env:
+        url = env["DATABASE_URL"]
+        server = start_server(tmp_path, server_env(google, **env))
+        conn = Conn(server.port)
+        acked: list[Flushed] = []
+        try:
+            sign_in(conn, google.token(sub=new_sub()))  # the first one opens the pool
+            with asyncio.Runner() as runner:
+                monitor = runner.run(asyncpg.connect(url, timeout=10))
+                try:
+                    for _ in range(SYNCED_SIGN_INS):
+                        before = runner.run(monitor.fetchval(_INSERT_LSN))
+                        done = sign_in(conn, google.token(sub=new_sub()))
+                        at_ack = runner.run(monitor.fetchval(_FLUSH_LSN))
+                        acked.append(Flushed(done, before, at_ack))
+                    kill_hard(server)  # at once, after the last answer
+                finally:
+                    runner.run(monitor.close())
+        finally:
+            conn.close()
+            server.stop()
+        settings = dict(rows(server, _SETTINGS))
+        stored = {row[0] for row in rows(server, "SELECT id FROM sessions")}
+        late = [problem for one in acked if (problem := _commit_after_ack(server, one))]
+    print(f"\nstable storage (postgres): {len(acked)} sign-ins; server settings {settings}")
+    lost = [one.session.session_id for one in acked if one.session.session_id not in stored]
+    assert not lost, f"acknowledged, then lost to a SIGKILL: {lost}"
+    assert not late, "answered before the commit was flushed:\n" + "\n".join(late)
+
+
+_INSERT_LSN = "SELECT pg_current_wal_insert_lsn()::text"
+_FLUSH_LSN = "SELECT pg_current_wal_flush_lsn()::text"
+_SETTINGS = (
+    "SELECT name, setting FROM pg_settings "
+    "WHERE name IN ('fsync', 'synchronous_commit', 'wal_sync_method')"
+)
+
+
+def _commit_after_ack(server: RunningServer, one: Flushed) -> str | None:
+    """Why the sign-in's commit was not flushed by the time of its answer; None if it was."""
+    # pg_walinspect goes into the test's own throwaway database, never into a real one.
+    assert "/expense_auth_test_" in server.env["DATABASE_URL"], "not a throwaway database"
+    rows(server, "CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+    xid = rows(server, "SELECT xmin::text FROM sessions WHERE id = ?", one.session.session_id)
+    if not xid:
+        return f"{one.session.session_id}: no such session"
+    commits = rows(
+        server,
+        "SELECT end_lsn::text, end_lsn <= ?::text::pg_lsn FROM pg_get_wal_records_info("
+        "?::text::pg_lsn, pg_current_wal_flush_lsn()) "
+        "WHERE resource_manager = 'Transaction' AND record_type = 'COMMIT' AND xid::text = ?",
+        one.at_ack,
+        one.before,
+        xid[0][0],
+    )
+    if not commits:
+        return f"{one.session.session_id}: no commit record of transaction {xid[0][0]}"
+    end, in_time = commits[0]
+    if not in_time:
+        return (
+            f"{one.session.session_id}: commit record ends at {end}, "
+            f"the WAL was flushed to {one.at_ack} when the answer came"
+        )
+    return None
