@@ -25,11 +25,15 @@ setup: $(PY_STAMP) $(NODE_STAMP) $(EXAMPLE_STAMP) ops-tools container-tools
 
 # The deployment tests check deploy/ with promtool (Debian `prometheus`, which also
 # runs the Prometheus of `make dashboard-preview`) and systemd-analyze (Debian `systemd`).
+# PostgreSQL backups use pg_dump/pg_restore (`postgresql-client`); tests that stop Redis
+# run a redis-server of their own (`redis-server`).
 ops-tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null && \
-		command -v systemd-analyze >/dev/null || \
+		command -v systemd-analyze >/dev/null && command -v pg_dump >/dev/null && \
+		command -v pg_restore >/dev/null && command -v redis-server >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			--no-install-recommends prometheus systemd >/dev/null; }
+			--no-install-recommends prometheus systemd postgresql-client redis-server \
+			>/dev/null; }
 
 $(PY_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -22,8 +23,10 @@ from gen.expense.auth.v1.auth_pb import GetSessionRequest, SignOutRequest
 from gen.expense.user.v1.user_pb import DeleteCurrentUserRequest
 from server.domain.models import subject_hash
 from tests.conftest import server_env
+from tests.support import postgres
 from tests.support.client import Session, code_of
 from tests.support.clock import FileClock
+from tests.support.database import rows
 from tests.support.google import ISSUER, FakeGoogle
 from tests.support.server import RunningServer, start_server
 
@@ -189,14 +192,26 @@ def test_backup_into_a_directory_makes_a_dated_file_and_never_overwrites(
 # --- the restore drill --------------------------------------------------------------------
 
 
-def test_restore_drill_keeps_later_deletions_deleted(tmp_path: Path, google: FakeGoogle) -> None:
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+def test_restore_drill_keeps_later_deletions_deleted(
+    tmp_path: Path, google: FakeGoogle, engine: str
+) -> None:
+    with contextlib.ExitStack() as stack:
+        extra = {}
+        if engine == "postgres":
+            extra["DATABASE_URL"] = stack.enter_context(postgres.database(migrated=False))
+        _restore_drill(tmp_path, google, server_env(google, **extra), engine)
+
+
+def _restore_drill(tmp_path: Path, google: FakeGoogle, env: dict[str, str], engine: str) -> None:
+    """On SQLite the backup is a database file; on PostgreSQL a pg_dump archive."""
     data_dir = tmp_path / "var"
-    env = server_env(google)
+    cli_env = {k: v for k, v in env.items() if k == "DATABASE_URL"}
     first = start_server(tmp_path, env, data_dir=data_dir)
     try:
         alice, bob, carol = (sign_in(first.url, google) for _ in range(3))
-        backup_file = tmp_path / "drill.db"
-        taken = run_cli("backup", str(backup_file), data_dir=data_dir)
+        backup_file = tmp_path / ("drill.db" if engine == "sqlite" else "drill.pgdump")
+        taken = run_cli("backup", str(backup_file), data_dir=data_dir, **cli_env)
         assert taken.returncode == 0, taken.stderr
 
         # After the backup: carol deletes her account, dave joins.
@@ -207,32 +222,35 @@ def test_restore_drill_keeps_later_deletions_deleted(tmp_path: Path, google: Fak
         dave = sign_in(first.url, google)
     finally:
         assert first.stop() == 0, first.logs()
-    assert carol.sub not in subjects(data_dir / DB_NAME)
 
-    restored = run_cli("restore", str(backup_file), data_dir=data_dir)
+    def present() -> set[str]:
+        return {row[0] for row in rows(first, "SELECT subject FROM users")}
+
+    assert carol.sub not in present()
+
+    restored = run_cli("restore", str(backup_file), data_dir=data_dir, **cli_env)
     assert restored.returncode == 0, restored.stderr
     assert "account deletions re-applied: 1" in restored.stdout, restored.stdout
 
-    db_path = data_dir / DB_NAME
-    assert integrity(db_path) == "ok"
-    present = subjects(db_path)
-    assert {alice.sub, bob.sub} <= present
-    assert carol.sub not in present, "the restore resurrected a deleted account"
-    assert dave.sub not in present  # the database is the backup's: later sign-ups are gone
-    with connect(db_path) as db:
-        carol_rows = [
-            db.execute(query, (carol.user_id,)).fetchone()
-            for query in (
-                "SELECT count(*) FROM sessions WHERE user_id = ?",
-                "SELECT count(*) FROM audit_events WHERE user_id = ?",
-            )
-        ]
-        deletions = db.execute(
-            "SELECT count(*) FROM deleted_accounts WHERE subject_hash = ?",
-            (subject_hash(ISSUER, carol.sub),),
-        ).fetchone()
+    if engine == "sqlite":
+        assert integrity(data_dir / DB_NAME) == "ok"
+    assert {alice.sub, bob.sub} <= present()
+    assert carol.sub not in present(), "the restore resurrected a deleted account"
+    assert dave.sub not in present()  # the database is the backup's: later sign-ups are gone
+    carol_rows = [
+        rows(first, query, carol.user_id)[0]
+        for query in (
+            "SELECT count(*) FROM sessions WHERE user_id = ?",
+            "SELECT count(*) FROM audit_events WHERE user_id = ?",
+        )
+    ]
+    deletions = rows(
+        first,
+        "SELECT count(*) FROM deleted_accounts WHERE subject_hash = ?",
+        subject_hash(ISSUER, carol.sub),
+    )
     assert carol_rows == [(0,), (0,)]
-    assert deletions == (1,)  # a second restore would delete her again
+    assert deletions == [(1,)]  # a second restore would delete her again
 
     second = start_server(tmp_path, env, data_dir=data_dir)
     try:
@@ -332,11 +350,6 @@ def eventually(condition: Callable[[], bool], what: str, *, timeout_s: float = 5
         if time.monotonic() > deadline:
             pytest.fail(f"not within {timeout_s} s: {what}")
         time.sleep(0.1)
-
-
-def rows(server: RunningServer, query: str, *args: object) -> list[tuple[object, ...]]:
-    with connect(server.data_dir / DB_NAME) as db:
-        return list(db.execute(query, args))
 
 
 def now_ms() -> int:
