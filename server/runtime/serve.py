@@ -25,6 +25,13 @@ hypercorn's throughput here. These defaults are changed:
   headers, and no response says `server: envoy`.
 - Shutdown drains: on SIGTERM or SIGINT the listener stops taking new
   connections, in-flight calls finish (up to the drain time), then Envoy stops.
+
+Beside the public listener the same Envoy process may open two internal ones,
+plaintext, each serving another app of the same Python process: the admin
+listener and the forward-auth listener for gateways (FORWARD_AUTH_PORT). Forward
+auth has a listener of its own rather than a route on the admin one: gateways must
+reach it from wherever they run, and need not reach AdminService and /metrics for
+that; it also gets a connection cap sized for gateways' pools, not for operators.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ MAX_REQUEST_HEADERS_KB = 16
 # holding thousands of Health/Watch streams on one connection costs us each one.
 MAX_CONCURRENT_STREAMS = 100
 ADMIN_LISTENER = "admin_listener"
+FORWARD_AUTH_LISTENER = "forward_auth_listener"
 # A client has this long to send all of a request's headers: connections that
 # trickle half a header (slowloris) are closed, not kept.
 REQUEST_HEADERS_TIMEOUT_S = 10
@@ -81,6 +89,9 @@ IDLE_TIMEOUT_S = 300
 # the overload manager also caps the sum.
 MAX_CONNECTIONS = 4096
 ADMIN_MAX_CONNECTIONS = 64
+# Gateways keep pools of connections to the forward-auth listener (a few per
+# worker and gateway instance): generous for them, far below the public cap.
+FORWARD_AUTH_MAX_CONNECTIONS = 1024
 ENVOY_DRAIN_TIME_S = 1
 # Envoy's admin socket: read and write for the service's own user only.
 ADMIN_SOCKET_MODE = 0o600
@@ -92,7 +103,8 @@ _CONNECTION_LIMIT = "envoy.filters.network.connection_limit"
 
 @dataclass(frozen=True, slots=True)
 class AdminListener:
-    """The admin API's own listener: another app in the same process, another port."""
+    """An internal listener (the admin API's, or forward auth's): another app in the
+    same process, another port."""
 
     app: str
     host: str
@@ -186,9 +198,11 @@ class _Server(PyvoyServer):
         https: bool,
         max_connections: int,
         admin: AdminListener | None = None,
+        forward_auth: AdminListener | None = None,
         **kwargs: Any,
     ) -> None:
         self._admin_listener = admin
+        self._forward_auth_listener = forward_auth
         self._max_connections = max_connections
         super().__init__(*args, **kwargs)
         self._tls = tls
@@ -232,10 +246,16 @@ class _Server(PyvoyServer):
                 )
         for listener in listeners:
             _limit_connections(listener, self._max_connections)
-        if self._admin_listener is not None:
-            admin = _admin_listener(listeners[0], self._admin_listener)
-            _limit_connections(admin, ADMIN_MAX_CONNECTIONS)
-            listeners.append(admin)
+        internal_connections = 0
+        for name, internal, limit in (
+            (ADMIN_LISTENER, self._admin_listener, ADMIN_MAX_CONNECTIONS),
+            (FORWARD_AUTH_LISTENER, self._forward_auth_listener, FORWARD_AUTH_MAX_CONNECTIONS),
+        ):
+            if internal is not None:
+                listener = _admin_listener(listeners[0], internal, name=name)
+                _limit_connections(listener, limit)
+                listeners.append(listener)
+                internal_connections += limit
         config["overload_manager"] = {
             "resource_monitors": [
                 {
@@ -244,7 +264,7 @@ class _Server(PyvoyServer):
                         "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
                         "downstream_connections.v3.DownstreamConnectionsConfig",
                         "max_active_downstream_connections": self._max_connections
-                        + ADMIN_MAX_CONNECTIONS,
+                        + internal_connections,
                     },
                 }
             ]
@@ -367,15 +387,17 @@ def _limit_connections(listener: dict[str, Any], limit: int) -> None:
         )
 
 
-def _admin_listener(public: dict[str, Any], admin: AdminListener) -> dict[str, Any]:
-    """A copy of the public listener, plaintext, on the admin address, serving `admin.app`."""
+def _admin_listener(
+    public: dict[str, Any], admin: AdminListener, *, name: str = ADMIN_LISTENER
+) -> dict[str, Any]:
+    """A copy of the public listener, plaintext, on the internal address, serving `admin.app`."""
     listener = copy.deepcopy(public)
-    listener["name"] = ADMIN_LISTENER
+    listener["name"] = name
     listener["address"] = {"socket_address": {"address": admin.host, "port_value": admin.port}}
     for chain in listener["filter_chains"]:
         chain.pop("transport_socket", None)
     for manager in _managers(listener):
-        manager["stat_prefix"] = "admin_http"
+        manager["stat_prefix"] = name.removesuffix("_listener") + "_http"
         for http_filter in manager["http_filters"]:
             if http_filter["name"] == "pyvoy":
                 holder = http_filter["typed_config"]["filter_config"]
@@ -427,6 +449,7 @@ async def serve(
     tls_cert_file: Path | None = None,
     tls_key_file: Path | None = None,
     admin: AdminListener | None = None,
+    forward_auth: AdminListener | None = None,
     shutdown_marker: Path | None = None,
     ready_grace_seconds: float = 1.0,
     https: bool = False,
@@ -443,14 +466,21 @@ async def serve(
     the chain) the port serves HTTPS only. `https` (clients reach us over HTTPS,
     here or at a proxy) adds HSTS to Envoy's own replies.
 
+    `admin` and `forward_auth` open those internal listeners (plaintext).
+
     Raises:
-        PortInUse: The public or the admin port is taken.
+        PortInUse: The public, the admin or the forward-auth port is taken.
     """
     if (tls_cert_file is None) != (tls_key_file is None):
         raise ValueError("give both tls_cert_file and tls_key_file, or neither")
     for name, (bind_host, bind_port) in (
         ("port", (host, port)),
         *([("ADMIN_PORT", (admin.host, admin.port))] if admin is not None else []),
+        *(
+            [("FORWARD_AUTH_PORT", (forward_auth.host, forward_auth.port))]
+            if forward_auth is not None
+            else []
+        ),
     ):
         if port_in_use(bind_host, bind_port):
             raise PortInUse(
@@ -490,6 +520,7 @@ async def serve(
         https=https or bool(tls),
         max_connections=max_connections,
         admin=admin,
+        forward_auth=forward_auth,
         **tls,
     )
     await server.start()
@@ -508,6 +539,15 @@ async def serve(
         log.info(
             "admin",
             extra={"address": f"http://{admin.host}:{admin_port}", "admin_port": admin_port},
+        )
+    if forward_auth is not None:
+        fa_port = (await asyncio.to_thread(server.listener_ports))[FORWARD_AUTH_LISTENER]
+        log.info(
+            "forward_auth",
+            extra={
+                "address": f"http://{forward_auth.host}:{fa_port}",
+                "forward_auth_port": fa_port,
+            },
         )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
