@@ -69,7 +69,6 @@ from server.edge.browser_rules import BrowserRules
 from server.edge.client_address import IPAddress, IPNetwork, peer_ip, resolve
 from server.edge.router import PlainResponse, send_plain
 from server.rpc.cookies import SessionCookies
-from server.rpc.errors import INTERNAL_MESSAGE
 from server.rpc.user_agent import summarize
 
 log = logging.getLogger("expense_auth.forward_auth")
@@ -84,6 +83,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD"})
 # What a refused check is recorded as in the user's security events.
 AUDIT_REASON = "forward-auth"
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+INTERNAL_MESSAGE = "internal error; it has been logged"
 _NO_STORE = {"cache-control": "no-store"}
 _STATUS: tuple[tuple[type[DomainError], int, str], ...] = (
     (Unauthenticated, 401, "unauthenticated"),
