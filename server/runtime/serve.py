@@ -473,7 +473,7 @@ async def serve(
     """
     if (tls_cert_file is None) != (tls_key_file is None):
         raise ValueError("give both tls_cert_file and tls_key_file, or neither")
-    for name, (bind_host, bind_port) in (
+    binds = [
         ("port", (host, port)),
         *([("ADMIN_PORT", (admin.host, admin.port))] if admin is not None else []),
         *(
@@ -481,7 +481,16 @@ async def serve(
             if forward_auth is not None
             else []
         ),
-    ):
+    ]
+    taken: dict[tuple[str, int], str] = {}
+    for name, (bind_host, bind_port) in binds:
+        other = taken.setdefault((bind_host, bind_port), name)
+        if bind_port and other != name:
+            raise PortInUse(
+                f"{bind_host}:{bind_port} is given for both {other} and {name}; "
+                "each listener needs a port of its own"
+            )
+    for name, (bind_host, bind_port) in binds:
         if port_in_use(bind_host, bind_port):
             raise PortInUse(
                 f"{bind_host}:{bind_port} ({name}) is already in use, perhaps by another "

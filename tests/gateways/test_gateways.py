@@ -25,6 +25,8 @@ from tests.support.server import RunningServer, start_server
 
 IDLE_S = 60
 MAX_AGE_S = 120
+# Each test's session makes a handful of calls; one test exhausts its own budget.
+PER_SESSION_LIMIT = 30
 EVIL = "https://evil.example.net"
 
 
@@ -44,6 +46,7 @@ def auth_server(
             FORWARD_AUTH_PORT="0",
             SESSION_IDLE_TIMEOUT_SECONDS=str(IDLE_S),
             SESSION_MAX_AGE_SECONDS=str(MAX_AGE_S),
+            RATE_LIMIT_PER_SESSION=f"{PER_SESSION_LIMIT}/minute",
             TRUSTED_PROXIES="127.0.0.1/32",
         ),
         clock=clock,
@@ -343,3 +346,21 @@ def test_a_cross_site_navigation_is_let_through(
     headers = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
     response = call(gateway, path, cookie=signed_in.cookie, headers=headers)
     assert_reached(upstream, path, response, signed_in, gateway)
+
+
+# Rate limits ---------------------------------------------------------------------------
+
+
+def test_a_rate_limited_check_reaches_the_client_as_429(
+    gateway: Gateway, upstream: EchoUpstream, signed_in: SignedIn
+) -> None:
+    for _ in range(PER_SESSION_LIMIT):
+        path = new_path()
+        assert_reached(
+            upstream, path, call(gateway, path, cookie=signed_in.cookie), signed_in, gateway
+        )
+    path = new_path()
+    response = call(gateway, path, cookie=signed_in.cookie)
+    assert_refused(upstream, path, response, 429, "resource_exhausted", gateway)
+    assert 1 <= int(response.header("retry-after") or "0") <= 60, response.headers
+    assert response.json()["code"] == "resource_exhausted"  # nginx too (@expense_auth_error)

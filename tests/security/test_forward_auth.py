@@ -3,19 +3,25 @@ its rate limits, what it never sends. (End to end behind real gateways: tests/ga
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from server.config import ConfigError, load_config
 from tests.conftest import server_env
+from tests.gateways.harness import free_port
 from tests.support.client import Session
 from tests.support.clock import FileClock
 from tests.support.google import FakeGoogle
 from tests.support.http import Response, connect_post, request
-from tests.support.server import RunningServer, start_server
+from tests.support.server import REPO, RunningServer, start_server
 
+CLI = str(Path(sys.executable).parent / "expense-auth")
 EVIL = "https://evil.example.net"
 GET_SESSION = "/expense.auth.v1.AuthService/GetSession"
 
@@ -91,6 +97,28 @@ def test_only_on_its_own_listener(server: RunningServer, cookie: str) -> None:
     assert request(forward_auth_url(server), "GET", "/healthz").json() == {"status": "alive"}
     other = request(forward_auth_url(server), "GET", "/expense.auth.v1.AuthService/GetSession")
     assert other.status == 404
+
+
+def test_a_port_given_to_two_listeners_is_refused(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(REPO),
+        "DATA_DIR": str(tmp_path / "var"),
+        "ADMIN_PORT": "0",
+        "FORWARD_AUTH_PORT": str(port),
+    }
+    result = subprocess.run(
+        [CLI, "serve", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"127.0.0.1:{port} is given for both port and FORWARD_AUTH_PORT" in result.stderr
 
 
 def test_no_listener_unless_configured() -> None:
