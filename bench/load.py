@@ -44,11 +44,11 @@ class Run:
 
 @dataclass(frozen=True)
 class Request:
-    """What one cell sends: path, headers and a body file, per protocol."""
+    """What one cell sends: path, headers and a body file (None: a GET), per protocol."""
 
     path: str
     headers: tuple[tuple[str, str], ...]
-    body: Path
+    body: Path | None
 
 
 def grpc_frame(message: bytes) -> bytes:
@@ -93,9 +93,9 @@ def h2load(
         "1",
         "-D",
         f"{int(seconds * 1000)}ms",
-        "-d",
-        str(request.body),
     ]
+    if request.body is not None:
+        args += ["-d", str(request.body)]
     if protocol == H1:
         args.append("--h1")
     for name, value in request.headers:

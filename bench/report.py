@@ -174,6 +174,15 @@ def targets(results: dict[str, Any], mode: Mode) -> list[dict[str, Any]]:
             ">= 0.40",
             (row["ratio_to_echo"] or 0) >= 0.40,
         )
+    forward_auth = _row(results, "ForwardAuth (GET check)", H1)
+    get_session = _row(results, "GetSession", H1)
+    ratio = forward_auth["rps"] / get_session["rps"] if get_session["rps"] else None
+    add(
+        "ForwardAuth check / GetSession (connect-json-h1)",
+        ratio and round(ratio, 2),
+        ">= 1.0",
+        (ratio or 0) >= 1.0,
+    )
     add(
         "Google cert fetches during the run",
         results["google_cert_fetches"],

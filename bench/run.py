@@ -8,8 +8,9 @@ Layout of one run:
 - servers on core 0 (each `taskset -c 0` before it spawns its children), load
   generators (h2load, bench.loadgen) and this process on core 1;
 - ours: `expense-auth serve` on a 1k-user database (GetSession, GetCurrentUser,
-  SignIn, unauthenticated), on 1k / 100k / 1M-user databases (the data-scale
-  cells, GetSession only), and on a 1k database with LOG_LEVEL=INFO;
+  SignIn, unauthenticated, and a gateway's forward-auth check on its own listener),
+  on 1k / 100k / 1M-user databases (the data-scale cells, GetSession only), and on a
+  1k database with LOG_LEVEL=INFO;
 - baselines: the bare connectrpc echo on the same pyvoy (`bench.echo_app`), a bare
   grpc.aio echo, a bare connect-node echo;
 - a warm-up pass, then ROUNDS rounds, each visiting every cell once in a
@@ -62,6 +63,7 @@ GET_SESSION = "/expense.auth.v1.AuthService/GetSession"
 SIGN_IN = "/expense.auth.v1.AuthService/SignIn"
 GET_CURRENT_USER = "/expense.user.v1.UserService/GetCurrentUser"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+FORWARD_AUTH = "/forward-auth"
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class Cell:
     expect: str  # "ok" or "unauthenticated"
     request: Request | None = None  # h2load
     loadgen: Callable[..., Run] | None = None  # (port, protocol, round, seconds) -> Run
+    port: str = ""  # which of the server's ports, when not the protocol's own
     runs: list[Run] = field(default_factory=list)
     cpu_util: list[float] = field(default_factory=list)
     cpu_ms_per_request: list[float] = field(default_factory=list)
@@ -254,15 +257,20 @@ def start_servers(
     for name in ours:
         port = procs.free_port()
         server_env = {**env, "DATA_DIR": str(run_dir / name)}
+        ports = {"h1": port, "h2c": port}
         if name == "log-info":
             server_env["LOG_LEVEL"] = "INFO"
+        if name == "main":
+            # The forward-auth listener, as a gateway would call it.
+            ports["forward-auth"] = procs.free_port()
+            server_env["FORWARD_AUTH_PORT"] = str(ports["forward-auth"])
         servers[name] = procs.spawn(
             name,
             procs.serve_args(expense_auth, port),
             env=server_env,
             cwd=REPO,
             log_dir=logs,
-            ports={"h1": port, "h2c": port},
+            ports=ports,
         )
     port = procs.free_port()
     servers["echo"] = procs.spawn(
@@ -343,6 +351,8 @@ def build_cells(
                 GET_SESSION,
                 cookie=cookies[f"scale-{users}"],
             )
+        if protocol == H1:
+            cells.append(_forward_auth_cell(cookies["main"]))
         if mode.extras:
             fixed(
                 "GetSession, LOG_LEVEL=INFO",
@@ -371,6 +381,20 @@ def build_cells(
                 )
             )
     return cells
+
+
+def _forward_auth_cell(cookie: str) -> Cell:
+    """A gateway's check (Traefik, nginx and Caddy send a GET over HTTP/1.1), as Traefik
+    describes the original request: a signed-in browser's GET of an expense page."""
+    headers = (
+        ("cookie", f"{COOKIE_NAME}={cookie}"),
+        ("x-forwarded-method", "GET"),
+        ("x-forwarded-host", "expenses.example.com"),
+        ("x-forwarded-uri", "/expenses/2026-11"),
+        ("x-forwarded-for", "198.51.100.7"),
+    )
+    request = Request(path=FORWARD_AUTH, headers=headers, body=None)
+    return Cell("ForwardAuth (GET check)", H1, "main", "ok", request=request, port="forward-auth")
 
 
 def _count(n: int) -> str:
@@ -409,16 +433,17 @@ def _echo_loadgen(mode: Mode) -> Callable[..., Run]:
 
 def probe(cell: Cell, server: procs.Server) -> None:
     """One request through a real client: the cell must get the answer it expects."""
-    port = server.ports["h1" if cell.protocol == H1 else "h2c"]
+    port = _port(cell, server)
     if cell.request is None:
         return  # SignIn cells check every response's status themselves
     headers = dict(cell.request.headers)
     if cell.protocol == H1:
+        body = cell.request.body
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}{cell.request.path}",
-            data=cell.request.body.read_bytes(),
+            data=body.read_bytes() if body is not None else None,
             headers=headers,
-            method="POST",
+            method="POST" if body is not None else "GET",
         )
         try:
             with urllib.request.urlopen(req, timeout=10) as response:
@@ -451,7 +476,7 @@ def measure(
     cell: Cell, server: procs.Server, *, index: int, seconds: float, record: bool, log_dir: Path
 ) -> Run:
     """One run of one cell, with the server's CPU and peak memory around it."""
-    port = server.ports["h1" if cell.protocol == H1 else "h2c"]
+    port = _port(cell, server)
     pids = server.refresh_pids()
     procs.reset_peak_rss(pids)
     cpu0, core0, t0 = (
@@ -481,6 +506,10 @@ def measure(
         cell.core0_other.append(max(0.0, core - cpu) / wall)
         cell.peak_rss_mb = max(cell.peak_rss_mb, procs.peak_rss_mb(pids))
     return run
+
+
+def _port(cell: Cell, server: procs.Server) -> int:
+    return server.ports[cell.port or ("h1" if cell.protocol == H1 else "h2c")]
 
 
 def _check(cell: Cell, run: Run) -> None:

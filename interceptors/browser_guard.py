@@ -10,7 +10,8 @@
 3. Origin fallback, for browsers without Fetch Metadata: a request whose Origin
    is neither allowlisted nor the server's own is refused.
 Clients that are not browsers (grpcurl, service clients) send none of these
-headers and are unaffected.
+headers and are unaffected. Layers 2 and 3 are `server.edge.browser_rules`, which
+the forward-auth endpoint applies too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 
 from connectrpc.request import RequestContext
 
-from server.domain.errors import InvalidArgument, PermissionDenied
+from server.domain.errors import InvalidArgument
+from server.edge.browser_rules import BrowserRules
 from server.rpc.context import protocol_of
 
 
@@ -28,23 +30,16 @@ class BrowserGuard:
     """Refuses cross-site browser calls and Connect POSTs without the protocol header."""
 
     def __init__(self, allowed_origins: Collection[str]) -> None:
-        self._allowed = frozenset(allowed_origins)
+        self._rules = BrowserRules(allowed_origins)
 
     async def on_start(self, ctx: RequestContext[Any, Any]) -> None:
         """Check the browser-supplied headers before anything else is read."""
         headers = ctx.request_headers
-        origin = headers.get("origin")
-        if (
-            origin is not None
-            and origin not in self._allowed
-            and not self._same_origin(origin, ctx)
-        ):
-            raise PermissionDenied(
-                f"calls from origin {origin[:100]!r} are not allowed; "
-                "add it to CORS_ALLOWED_ORIGIN if it is your frontend"
-            )
-        if headers.get("sec-fetch-site") == "cross-site" and origin not in self._allowed:
-            raise PermissionDenied("cross-site calls are not allowed")
+        self._rules.check(
+            origin=headers.get("origin"),
+            fetch_site=headers.get("sec-fetch-site"),
+            host=headers.get("host") or headers.get(":authority") or "",
+        )
         if (
             ctx.http_method == "POST"
             and protocol_of(headers.get("content-type", "")) == "connect"
@@ -59,8 +54,3 @@ class BrowserGuard:
         self, token: None, ctx: RequestContext[Any, Any], error: Exception | None
     ) -> None:
         """Nothing to undo."""
-
-    @staticmethod
-    def _same_origin(origin: str, ctx: RequestContext[Any, Any]) -> bool:
-        host = ctx.request_headers.get("host") or ctx.request_headers.get(":authority") or ""
-        return bool(host) and origin.partition("://")[2] == host

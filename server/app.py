@@ -69,6 +69,7 @@ from server.rpc.auth import AuthService
 from server.rpc.codecs import DepthLimitedJSONCodec
 from server.rpc.context import PUBLIC_PROCEDURES, REFLECTION_PROCEDURES
 from server.rpc.cookies import SessionCookies
+from server.rpc.forward_auth import ForwardAuth
 from server.rpc.health import HealthService
 from server.rpc.nonces import SignInNonces
 from server.rpc.page_tokens import PageTokens
@@ -104,10 +105,12 @@ class SchemaNotReady(Exception):
 
 @dataclass(frozen=True, slots=True)
 class App:
-    """The two ASGI applications pyvoy serves: the public port and the admin listener."""
+    """The ASGI applications pyvoy serves: the public port, the admin listener and the
+    forward-auth listener (opened only with FORWARD_AUTH_PORT)."""
 
     asgi: ASGIApp
     admin: ASGIApp
+    forward_auth: ASGIApp
 
 
 def session_keys(config: Config) -> list[str]:
@@ -384,12 +387,26 @@ def create_app(
         [AdminServiceASGIApplication(admin_service, interceptors=admin_chain, **limits)],
         get_routes={"/metrics": metrics.endpoint, "/healthz": healthz},
     )
-    # pyvoy's receive() needs the fix on both listeners (see receive_fix.py).
+    # Gateways' checks for the other services, with the API's rules and limits. Not
+    # behind the HTTP edge: it answers gateways, whose clients never see CORS from it.
+    forward_auth = ForwardAuth(
+        sessions=sessions,
+        cookies=cookies,
+        throttle=throttle,
+        audit_log=audit_log,
+        allowed_origins=config.cors_allowed_origin,
+        trusted_proxies=config.trusted_proxies,
+        ipv6_prefix=config.rate_limit_ipv6_prefix,
+        on_result=lambda result: metrics.forward_auth_checks.labels(result).inc(),
+    )
+    # pyvoy's receive() needs the fix on the Connect listeners (see receive_fix.py);
+    # forward auth never reads a body.
     return App(
         asgi=ReceiveAfterBodyFix(
             with_edge(public, allowed_origins=config.cors_allowed_origin, https=config.https)
         ),
         admin=ReceiveAfterBodyFix(with_edge(admin, allowed_origins=(), https=False)),
+        forward_auth=forward_auth,
     )
 
 

@@ -205,6 +205,13 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
             host=config.admin_host,
             port=config.admin_port,
         )
+    forward_auth = None
+    if config.forward_auth_port is not None:
+        forward_auth = AdminListener(
+            app=f"{args.app.partition(':')[0]}:forward_auth_app",
+            host=config.forward_auth_host,
+            port=config.forward_auth_port,
+        )
     _check_file_modes(config)
     run_dir = config.data_dir / "run"
     private_dir(run_dir)
@@ -222,6 +229,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
                 tls_cert_file=config.tls_cert_file,
                 tls_key_file=config.tls_key_file,
                 admin=admin,
+                forward_auth=forward_auth,
                 shutdown_marker=marker,
                 https=config.https,
                 max_connections=config.max_connections,

@@ -142,6 +142,15 @@ class Config(BaseModel):
     drain_seconds: float = Field(default=10.0, ge=0, le=600)
     max_connections: int = Field(default=4096, ge=1, le=1_000_000)
     workers: int = Field(default=1, ge=1, le=256)
+    # The forward-auth listener for gateways (server/rpc/forward_auth.py); none unless
+    # FORWARD_AUTH_PORT is set (0 picks a free port).
+    forward_auth_host: str = "127.0.0.1"
+    forward_auth_port: int | None = Field(default=None, ge=0, le=65535)
+
+    @field_validator("forward_auth_port", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("google_client_id", "cors_allowed_origin", "trusted_proxies", mode="before")
     @classmethod
@@ -243,6 +252,15 @@ class Config(BaseModel):
             problems.append(
                 f"ADMIN_TOKEN: must be at least {MIN_SECRET_BYTES} bytes; "
                 f"generate one with: {_KEYGEN_HINT}"
+            )
+        if (
+            self.forward_auth_port
+            and self.forward_auth_port == self.admin_port
+            and self.forward_auth_host == self.admin_host
+        ):
+            problems.append(
+                f"FORWARD_AUTH_PORT: {self.forward_auth_port} is ADMIN_PORT too; the "
+                "forward-auth listener needs a port of its own"
             )
         if self.session_max_age_seconds < self.session_idle_timeout_seconds:
             problems.append(

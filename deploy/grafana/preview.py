@@ -210,7 +210,9 @@ def draw(dashboard: dict[str, Any], data: dict[int, list[Any]], out: Path, note:
             target.plot(xs, ys, linewidth=1.4, label=legend[:48], color=f"C{number}")
         if right:
             lines = ax.get_lines() + right[1].get_lines()
-            ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="center left")
+            ax.legend(
+                lines, [str(line.get_label()) for line in lines], fontsize=7, loc="center left"
+            )
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
         ax.set_xlabel("minutes into the run", fontsize=8)

@@ -91,6 +91,12 @@ class Metrics:
             "time; each fell back to this process's own counts or passed.",
             registry=self.registry,
         )
+        self.forward_auth_checks = Counter(
+            "expense_auth_forward_auth_checks",
+            "Forward-auth checks answered to gateways, by result (ok or the error code).",
+            ["result"],
+            registry=self.registry,
+        )
         # process_start_time_seconds: the key-rotation alert compares the uptime with
         # the session lifetime (a restart is when a new key list takes effect). With
         # workers, the scraped worker's own (they start together).

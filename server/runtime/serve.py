@@ -25,6 +25,13 @@ hypercorn's throughput here. These defaults are changed:
   headers, and no response says `server: envoy`.
 - Shutdown drains: on SIGTERM or SIGINT the listener stops taking new
   connections, in-flight calls finish (up to the drain time), then Envoy stops.
+
+Beside the public listener the same Envoy process may open two internal ones,
+plaintext, each serving another app of the same Python process: the admin
+listener and the forward-auth listener for gateways (FORWARD_AUTH_PORT). Forward
+auth has a listener of its own rather than a route on the admin one: gateways must
+reach it from wherever they run, and need not reach AdminService and /metrics for
+that; it also gets a connection cap sized for gateways' pools, not for operators.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ MAX_REQUEST_HEADERS_KB = 16
 # holding thousands of Health/Watch streams on one connection costs us each one.
 MAX_CONCURRENT_STREAMS = 100
 ADMIN_LISTENER = "admin_listener"
+FORWARD_AUTH_LISTENER = "forward_auth_listener"
 # A client has this long to send all of a request's headers: connections that
 # trickle half a header (slowloris) are closed, not kept.
 REQUEST_HEADERS_TIMEOUT_S = 10
@@ -85,6 +93,9 @@ IDLE_TIMEOUT_S = 300
 # the overload manager also caps the sum.
 MAX_CONNECTIONS = 4096
 ADMIN_MAX_CONNECTIONS = 64
+# Gateways keep pools of connections to the forward-auth listener (a few per
+# worker and gateway instance): generous for them, far below the public cap.
+FORWARD_AUTH_MAX_CONNECTIONS = 1024
 ENVOY_DRAIN_TIME_S = 1
 # Envoy's admin socket: read and write for the service's own user only.
 ADMIN_SOCKET_MODE = 0o600
@@ -101,7 +112,8 @@ _CONNECTION_LIMIT = "envoy.filters.network.connection_limit"
 
 @dataclass(frozen=True, slots=True)
 class AdminListener:
-    """The admin API's own listener: another app in the same process, another port."""
+    """An internal listener (the admin API's, or forward auth's): another app in the
+    same process, another port."""
 
     app: str
     host: str
@@ -195,10 +207,12 @@ class _Server(PyvoyServer):
         https: bool,
         max_connections: int,
         admin: AdminListener | None = None,
+        forward_auth: AdminListener | None = None,
         reuse_port: bool = False,
         **kwargs: Any,
     ) -> None:
         self._admin_listener = admin
+        self._forward_auth_listener = forward_auth
         self._max_connections = max_connections
         self._reuse_port = reuse_port
         super().__init__(*args, **kwargs)
@@ -243,10 +257,16 @@ class _Server(PyvoyServer):
                 )
         for listener in listeners:
             _limit_connections(listener, self._max_connections)
-        if self._admin_listener is not None:
-            admin = _admin_listener(listeners[0], self._admin_listener)
-            _limit_connections(admin, ADMIN_MAX_CONNECTIONS)
-            listeners.append(admin)
+        internal_connections = 0
+        for name, internal, limit in (
+            (ADMIN_LISTENER, self._admin_listener, ADMIN_MAX_CONNECTIONS),
+            (FORWARD_AUTH_LISTENER, self._forward_auth_listener, FORWARD_AUTH_MAX_CONNECTIONS),
+        ):
+            if internal is not None:
+                listener = _admin_listener(listeners[0], internal, name=name)
+                _limit_connections(listener, limit)
+                listeners.append(listener)
+                internal_connections += limit
         config["overload_manager"] = {
             "resource_monitors": [
                 {
@@ -255,7 +275,7 @@ class _Server(PyvoyServer):
                         "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
                         "downstream_connections.v3.DownstreamConnectionsConfig",
                         "max_active_downstream_connections": self._max_connections
-                        + ADMIN_MAX_CONNECTIONS,
+                        + internal_connections,
                     },
                 }
             ]
@@ -391,15 +411,17 @@ def _limit_connections(listener: dict[str, Any], limit: int) -> None:
         )
 
 
-def _admin_listener(public: dict[str, Any], admin: AdminListener) -> dict[str, Any]:
-    """A copy of the public listener, plaintext, on the admin address, serving `admin.app`."""
+def _admin_listener(
+    public: dict[str, Any], admin: AdminListener, *, name: str = ADMIN_LISTENER
+) -> dict[str, Any]:
+    """A copy of the public listener, plaintext, on the internal address, serving `admin.app`."""
     listener = copy.deepcopy(public)
-    listener["name"] = ADMIN_LISTENER
+    listener["name"] = name
     listener["address"] = {"socket_address": {"address": admin.host, "port_value": admin.port}}
     for chain in listener["filter_chains"]:
         chain.pop("transport_socket", None)
     for manager in _managers(listener):
-        manager["stat_prefix"] = "admin_http"
+        manager["stat_prefix"] = name.removesuffix("_listener") + "_http"
         for http_filter in manager["http_filters"]:
             if http_filter["name"] == "pyvoy":
                 holder = http_filter["typed_config"]["filter_config"]
@@ -451,6 +473,7 @@ async def serve(
     tls_cert_file: Path | None = None,
     tls_key_file: Path | None = None,
     admin: AdminListener | None = None,
+    forward_auth: AdminListener | None = None,
     shutdown_marker: Path | None = None,
     ready_grace_seconds: float = 1.0,
     https: bool = False,
@@ -472,18 +495,34 @@ async def serve(
     here or at a proxy) adds HSTS to Envoy's own replies. With more than one
     worker, `state_dir` (private) holds the workers' metric files and status.
 
+    `admin` and `forward_auth` open those internal listeners (plaintext).
+
     Raises:
-        PortInUse: The public or the admin port is taken.
+        PortInUse: The public, the admin or the forward-auth port is taken.
         StartupError: A worker did not start.
     """
     if (tls_cert_file is None) != (tls_key_file is None):
         raise ValueError("give both tls_cert_file and tls_key_file, or neither")
     if workers > 1 and state_dir is None:
         raise ValueError("several workers need a state_dir")
-    for name, (bind_host, bind_port) in (
+    binds = [
         ("port", (host, port)),
         *([("ADMIN_PORT", (admin.host, admin.port))] if admin is not None else []),
-    ):
+        *(
+            [("FORWARD_AUTH_PORT", (forward_auth.host, forward_auth.port))]
+            if forward_auth is not None
+            else []
+        ),
+    ]
+    taken: dict[tuple[str, int], str] = {}
+    for name, (bind_host, bind_port) in binds:
+        other = taken.setdefault((bind_host, bind_port), name)
+        if bind_port and other != name:
+            raise PortInUse(
+                f"{bind_host}:{bind_port} is given for both {other} and {name}; "
+                "each listener needs a port of its own"
+            )
+    for name, (bind_host, bind_port) in binds:
         if port_in_use(bind_host, bind_port):
             raise PortInUse(
                 f"{bind_host}:{bind_port} ({name}) is already in use, perhaps by another "
@@ -507,7 +546,7 @@ async def serve(
     # MAX_CONNECTIONS is the port's: each worker takes an equal share.
     per_worker = max(1, -(-max_connections // workers))
 
-    def make(index: int, port: int, admin: AdminListener | None) -> _Server:
+    def make(index: int, port: int, internal: Mapping[str, AdminListener]) -> _Server:
         return _Server(
             app,
             address=host,
@@ -525,12 +564,20 @@ async def serve(
             tls=bool(tls),
             https=https or bool(tls),
             max_connections=per_worker,
-            admin=admin,
+            admin=internal.get(ADMIN_LISTENER),
+            forward_auth=internal.get(FORWARD_AUTH_LISTENER),
             reuse_port=workers > 1,
             **tls,
         )
 
-    pool = _Workers(make, count=workers, host=host, port=port, admin=admin, state_dir=state_dir)
+    internal = {
+        name: listener
+        for name, listener in ((ADMIN_LISTENER, admin), (FORWARD_AUTH_LISTENER, forward_auth))
+        if listener is not None
+    }
+    pool = _Workers(
+        make, count=workers, host=host, port=port, internal=internal, state_dir=state_dir
+    )
     try:
         await pool.start()
         scheme = "https" if tls else "http"
@@ -544,14 +591,18 @@ async def serve(
                 + ("(HTTPS: HTTP/2 and HTTP/1.1 by ALPN)" if tls else "(HTTP/1.1 and h2c)"),
             },
         )
-        if pool.admin is not None:
-            log.info(
-                "admin",
-                extra={
-                    "address": f"http://{pool.admin.host}:{pool.admin.port}",
-                    "admin_port": pool.admin.port,
-                },
-            )
+        for name, key, listener in (
+            ("admin", "admin_port", pool.internal.get(ADMIN_LISTENER)),
+            ("forward_auth", "forward_auth_port", pool.internal.get(FORWARD_AUTH_LISTENER)),
+        ):
+            if listener is not None:
+                log.info(
+                    name,
+                    extra={
+                        "address": f"http://{listener.host}:{listener.port}",
+                        key: listener.port,
+                    },
+                )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -596,19 +647,20 @@ class _Workers:
 
     def __init__(
         self,
-        make: Callable[[int, int, AdminListener | None], _Server],
+        make: Callable[[int, int, Mapping[str, AdminListener]], _Server],
         *,
         count: int,
         host: str,
         port: int,
-        admin: AdminListener | None,
+        internal: Mapping[str, AdminListener],
         state_dir: Path | None,
     ) -> None:
         self._make = make
         self._count = count
         self._host = host
         self.port = port
-        self.admin = admin
+        # The internal listeners (admin, forward auth) by Envoy listener name.
+        self.internal = dict(internal)
         self._servers: dict[int, _Server] = {}
         self._slots: list[asyncio.Task[None]] = []
         self._crashes: list[float] = []
@@ -632,15 +684,15 @@ class _Workers:
         """Start every worker and wait until all listen."""
         if self._count > 1:
             self._prepare_shared()
-        first = self._make(1, self.port, self.admin)
+        first = self._make(1, self.port, self.internal)
         await first.start()
         self._servers[1] = first
         # Port 0 means "any free one": from now on, the one the first worker got.
         self.port = first.listener_port
-        if self.admin is not None:
-            ports = await asyncio.to_thread(first.listener_ports)
-            self.admin = replace(self.admin, port=ports[ADMIN_LISTENER])
-        rest = {i: self._make(i, self.port, self.admin) for i in range(2, self._count + 1)}
+        ports = await asyncio.to_thread(first.listener_ports)
+        for name, listener in self.internal.items():
+            self.internal[name] = replace(listener, port=ports[name])
+        rest = {i: self._make(i, self.port, self.internal) for i in range(2, self._count + 1)}
         results = await asyncio.gather(
             *(server.start() for server in rest.values()), return_exceptions=True
         )
@@ -656,11 +708,13 @@ class _Workers:
 
     def _prepare_shared(self) -> None:
         """Reserve the ports (port 0 becomes a fixed one) and the workers' state files."""
-        self._reserved.append(_reserve(self._host, self.port))
-        self.port = self._reserved[0].getsockname()[1]
-        if self.admin is not None:
-            self._reserved.append(_reserve(self.admin.host, self.admin.port))
-            self.admin = replace(self.admin, port=self._reserved[1].getsockname()[1])
+        public = _reserve(self._host, self.port)
+        self._reserved.append(public)
+        self.port = public.getsockname()[1]
+        for name, listener in self.internal.items():
+            held = _reserve(listener.host, listener.port)
+            self._reserved.append(held)
+            self.internal[name] = replace(listener, port=held.getsockname()[1])
         assert self._metrics_dir is not None
         # A previous run's files would be summed into this run's counters.
         shutil.rmtree(self._metrics_dir, ignore_errors=True)
@@ -691,7 +745,7 @@ class _Workers:
             await asyncio.sleep(RESTART_BACKOFF_S * len(self._crashes))
             if self.stopping:
                 return
-            replacement = self._make(index, self.port, self.admin)
+            replacement = self._make(index, self.port, self.internal)
             try:
                 await replacement.start()
             except (StartupError, OSError) as exc:

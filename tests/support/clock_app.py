@@ -12,3 +12,4 @@ clock = FileClock(Path(os.environ["TEST_CLOCK_FILE"]))
 _built = app_from_environment(clock=clock)
 app = _built.asgi
 admin_app = _built.admin
+forward_auth_app = _built.forward_auth

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 _SERVING = re.compile(r"serving address=(\S+) port=(\d+)")
 _ADMIN = re.compile(r"admin address=(\S+) admin_port=(\d+)")
+_FORWARD_AUTH = re.compile(r"forward_auth address=(\S+) forward_auth_port=(\d+)")
 
 
 @dataclass
@@ -31,6 +32,8 @@ class RunningServer:
     log_path: Path
     env: dict[str, str]
     admin_url: str
+    # The forward-auth listener's URL, when FORWARD_AUTH_PORT was set.
+    forward_auth_url: str | None = None
 
     @property
     def address(self) -> str:
@@ -92,7 +95,9 @@ def start_server(
     while time.monotonic() < deadline:
         text = log_path.read_text(errors="replace")
         match, admin = _SERVING.search(text), _ADMIN.search(text)
-        if match and admin:
+        forward_auth = _FORWARD_AUTH.search(text)
+        wants_forward_auth = bool(full_env.get("FORWARD_AUTH_PORT"))
+        if match and admin and (forward_auth or not wants_forward_auth):
             return RunningServer(
                 process=process,
                 url=match.group(1),
@@ -101,6 +106,7 @@ def start_server(
                 log_path=log_path,
                 env=full_env,
                 admin_url=admin.group(1),
+                forward_auth_url=forward_auth.group(1) if forward_auth else None,
             )
         if process.poll() is not None:
             break
