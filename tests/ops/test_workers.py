@@ -108,7 +108,12 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 def server(tmp_path: Path, google: FakeGoogle, redis: RedisServer) -> Iterator[RunningServer]:
     running = start_server(
         tmp_path,
-        server_env(google, WORKERS=str(WORKERS), RATE_LIMIT_STORAGE_URL=f"{redis.url}/0"),
+        server_env(
+            google,
+            WORKERS=str(WORKERS),
+            RATE_LIMIT_STORAGE_URL=f"{redis.url}/0",
+            FORWARD_AUTH_PORT="0",
+        ),
     )
     try:
         assert "workers=2" in running.logs()
@@ -137,6 +142,24 @@ def test_workers_share_the_port_and_every_scrape_counts_all_calls(
         assert before is not None
         seen = {value(server.admin_url, COUNT, procedure=GET_SESSION, code="ok") for _ in range(8)}
         assert seen == {before + WORKERS * calls}, (before, seen)
+
+
+def test_every_worker_answers_on_the_internal_listeners(
+    server: RunningServer, google: FakeGoogle
+) -> None:
+    cookie = signed_in_cookie(server, google.token(sub="workers-internal"))
+    assert server.forward_auth_url is not None
+    port = int(server.forward_auth_url.rsplit(":", 1)[1])
+    for _ in range(10):  # fresh connections: the kernel spreads them over the workers
+        conn = Conn(port)
+        try:
+            reply = conn.request("GET", "/forward-auth", headers=[("cookie", cookie)])
+        finally:
+            conn.close()
+        assert reply.status == 200, reply
+        assert any(k == "x-expense-user-id" for k, _ in reply.headers)
+    checks = value(server.admin_url, "expense_auth_forward_auth_checks_total", result="ok")
+    assert checks == 10.0
 
 
 def test_a_sign_out_on_one_worker_is_refused_at_once_by_the_other(
