@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import secrets
@@ -83,6 +84,7 @@ from server.storage.limits import Counters, parse_limits
 from server.storage.postgres import backup as postgres_backup
 from server.storage.postgres import schema as postgres_schema
 from server.storage.postgres.store import PostgresStore
+from server.storage.serving_lock import postgres_serving_lock, sqlite_serving_lock
 from server.storage.sqlite import SQLiteStore, check_schema, migrate
 
 # Requests to this API are tiny (the largest is a ~1.5 KB ID token); refusing
@@ -139,6 +141,19 @@ def migrate_database(config: Config) -> list[str]:
         timeout = config.database_connect_timeout_seconds
         return asyncio.run(postgres_schema.migrate(config.database_url, timeout_s=timeout))
     return migrate(config.sqlite_path)
+
+
+def serving_lock(config: Config) -> contextlib.AbstractAsyncContextManager[None]:
+    """The configured database's serving lock (server/storage/serving_lock.py): shared
+    when the rate limits are shared, exclusive when they are in this process's memory."""
+    shared = not config.rate_limit_storage_url.removeprefix("async+").startswith("memory://")
+    if config.postgres:
+        return postgres_serving_lock(
+            config.database_url,
+            shared=shared,
+            timeout_s=config.database_connect_timeout_seconds,
+        )
+    return sqlite_serving_lock(config.sqlite_path, shared=shared)
 
 
 def open_store(config: Config, *, check: bool = True) -> Store:

@@ -183,8 +183,9 @@ def _refuse_damaged(config: Config) -> bool:
 
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
-    from server.app import pending_migrations
+    from server.app import pending_migrations, serving_lock
     from server.runtime.serve import AdminListener, PortInUse, StartupError, serve
+    from server.storage.serving_lock import AnotherServer
 
     if _refuse_damaged(config):
         return 2
@@ -235,9 +236,10 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
                 max_connections=config.max_connections,
                 workers=config.workers,
                 state_dir=state_dir if config.workers > 1 else None,
+                guard=serving_lock(config),
             )
         )
-    except (PortInUse, StartupError) as exc:
+    except (PortInUse, StartupError, AnotherServer) as exc:
         print(f"expense-auth: {exc}", file=sys.stderr)
         return 2
     finally:

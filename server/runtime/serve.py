@@ -480,6 +480,7 @@ async def serve(
     max_connections: int = MAX_CONNECTIONS,
     workers: int = 1,
     state_dir: Path | None = None,
+    guard: contextlib.AbstractAsyncContextManager[None] | None = None,
 ) -> int:
     """Serve `app` ("module:attr") until SIGTERM/SIGINT; returns the exit code.
 
@@ -494,6 +495,7 @@ async def serve(
     the chain) the port serves HTTPS only. `https` (clients reach us over HTTPS,
     here or at a proxy) adds HSTS to Envoy's own replies. With more than one
     worker, `state_dir` (private) holds the workers' metric files and status.
+    `guard` is held from the ports' check to the end (the database's serving lock).
 
     `admin` and `forward_auth` open those internal listeners (plaintext).
 
@@ -578,56 +580,59 @@ async def serve(
     pool = _Workers(
         make, count=workers, host=host, port=port, internal=internal, state_dir=state_dir
     )
-    try:
-        await pool.start()
-        scheme = "https" if tls else "http"
-        log.info(
-            "serving",
-            extra={
-                "address": f"{scheme}://{host}:{pool.port}",
-                "port": pool.port,
-                "workers": workers,
-                "protocols": "connect,grpc-web,grpc "
-                + ("(HTTPS: HTTP/2 and HTTP/1.1 by ALPN)" if tls else "(HTTP/1.1 and h2c)"),
-            },
-        )
-        for name, key, listener in (
-            ("admin", "admin_port", pool.internal.get(ADMIN_LISTENER)),
-            ("forward_auth", "forward_auth_port", pool.internal.get(FORWARD_AUTH_LISTENER)),
-        ):
-            if listener is not None:
-                log.info(
-                    name,
-                    extra={
-                        "address": f"http://{listener.host}:{listener.port}",
-                        key: listener.port,
-                    },
-                )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        stopper = asyncio.create_task(stop.wait())
-        failed = asyncio.create_task(pool.failed.wait())
-        await asyncio.wait({stopper, failed}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        failed.cancel()
-        pool.stopping = True
-        if pool.failed.is_set():
-            log.error(
-                "workers keep exiting; stopping",
-                extra={"crashes": RESTART_LIMIT, "within_seconds": RESTART_WINDOW_S},
+    async with contextlib.AsyncExitStack() as held:
+        if guard is not None:
+            await held.enter_async_context(guard)
+        try:
+            await pool.start()
+            scheme = "https" if tls else "http"
+            log.info(
+                "serving",
+                extra={
+                    "address": f"{scheme}://{host}:{pool.port}",
+                    "port": pool.port,
+                    "workers": workers,
+                    "protocols": "connect,grpc-web,grpc "
+                    + ("(HTTPS: HTTP/2 and HTTP/1.1 by ALPN)" if tls else "(HTTP/1.1 and h2c)"),
+                },
             )
-            return 1
-        log.info("shutting down", extra={"drain_seconds": drain_seconds})
-        if shutdown_marker is not None:
-            await asyncio.to_thread(shutdown_marker.touch)
-            await asyncio.sleep(ready_grace_seconds)  # let load balancers see not-ready
-        await pool.drain(drain_seconds)
-        log.info("stopped")
-        return 0
-    finally:
-        await pool.close()
+            for name, key, listener in (
+                ("admin", "admin_port", pool.internal.get(ADMIN_LISTENER)),
+                ("forward_auth", "forward_auth_port", pool.internal.get(FORWARD_AUTH_LISTENER)),
+            ):
+                if listener is not None:
+                    log.info(
+                        name,
+                        extra={
+                            "address": f"http://{listener.host}:{listener.port}",
+                            key: listener.port,
+                        },
+                    )
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            stopper = asyncio.create_task(stop.wait())
+            failed = asyncio.create_task(pool.failed.wait())
+            await asyncio.wait({stopper, failed}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            failed.cancel()
+            pool.stopping = True
+            if pool.failed.is_set():
+                log.error(
+                    "workers keep exiting; stopping",
+                    extra={"crashes": RESTART_LIMIT, "within_seconds": RESTART_WINDOW_S},
+                )
+                return 1
+            log.info("shutting down", extra={"drain_seconds": drain_seconds})
+            if shutdown_marker is not None:
+                await asyncio.to_thread(shutdown_marker.touch)
+                await asyncio.sleep(ready_grace_seconds)  # let load balancers see not-ready
+            await pool.drain(drain_seconds)
+            log.info("stopped")
+            return 0
+        finally:
+            await pool.close()
 
 
 class _Workers:
