@@ -77,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
         help="replace the database with a backup, keeping later account deletions (server stopped)",
     )
     restore_cmd.add_argument("src", type=Path)
+    deletions = commands.add_parser(
+        "deletions",
+        help="PostgreSQL point-in-time recovery: save the account-deletion log before, "
+        "apply it again after (docs/operations.md)",
+    )
+    deletions.add_argument("action", choices=["save", "apply"])
+    deletions.add_argument("file", type=Path)
 
     token = commands.add_parser(
         "dev-token",
@@ -160,6 +167,23 @@ def _restore(config: Config, src: Path) -> int:
         )
     print(f"restored {src}; account deletions re-applied: {restored.reapplied}")
     _migrate(config)  # an older backup may predate migrations
+    return 0
+
+
+def _deletions(config: Config, action: str, path: Path) -> int:
+    if not config.postgres:
+        print(
+            "expense-auth: `deletions` is for PostgreSQL's point-in-time recovery; with "
+            "SQLite, `expense-auth restore` keeps later deletions by itself",
+            file=sys.stderr,
+        )
+        return 2
+    if action == "save":
+        count = postgres_backup.save_deletions(config.database_url, path)
+        print(f"{path}: {count} account deletions saved")
+    else:
+        count = postgres_backup.apply_deletions(config.database_url, path)
+        print(f"account deletions re-applied: {count}")
     return 0
 
 
@@ -294,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _backup(config, args.dest)
             case "restore":
                 return _restore(config, args.src)
+            case "deletions":
+                return _deletions(config, args.action, args.file)
             case _:
                 return _serve(config, args)
     except SchemaTooNew as exc:

@@ -6,13 +6,14 @@ the database answers), restores the archive with `pg_restore --clean` in one
 transaction, and applies the deletion log again, so that an account deleted
 after the backup was taken stays deleted, as with SQLite. For point-in-time
 recovery use PostgreSQL's own base backups and WAL archiving
-(docs/operations.md); then re-apply deletions the same way (`expense-auth
-restore` does it for an archive).
+(docs/operations.md), with `expense-auth deletions save FILE` before and
+`expense-auth deletions apply FILE` after: the same re-application.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 import time
@@ -95,6 +96,40 @@ def restore(src: Path, url: str) -> Restored:
         ]
     )
     return Restored(reapplied=asyncio.run(_reapply(url, deletions)), deletions_unknown=unknown)
+
+
+def save_deletions(url: str, dest: Path) -> int:
+    """Write the database's account-deletion log to `dest` (JSON); returns its length.
+
+    Raises:
+        BackupError: `dest` exists, or the database cannot be read.
+    """
+    if dest.exists():
+        raise BackupError(f"{dest} exists; choose a new file name")
+    try:
+        deletions = asyncio.run(_deletion_log(url))
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise BackupError(f"cannot read the deletion log: {exc}") from None
+    private_file(dest)
+    dest.write_text(json.dumps({"deleted_accounts": deletions}))
+    return len(deletions)
+
+
+def apply_deletions(url: str, src: Path) -> int:
+    """Delete again every account the log in `src` records; returns how many were back.
+
+    Raises:
+        BackupError: `src` is not a saved deletion log, or the database cannot be written.
+    """
+    try:
+        saved = json.loads(src.read_text())["deleted_accounts"]
+        deletions = [(str(digest), int(at)) for digest, at in saved]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BackupError(f"{src} is not a deletion log saved by expense-auth: {exc}") from None
+    try:
+        return asyncio.run(_reapply(url, deletions))
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise BackupError(f"cannot apply the deletion log: {exc}") from None
 
 
 async def _deletion_log(url: str) -> list[tuple[str, int]]:
