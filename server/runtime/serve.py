@@ -583,6 +583,12 @@ async def serve(
     async with contextlib.AsyncExitStack() as held:
         if guard is not None:
             await held.enter_async_context(guard)
+        # From here on SIGTERM means "drain": one that arrives while the workers start
+        # is acted on once they listen (the first may already be serving).
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         try:
             await pool.start()
             scheme = "https" if tls else "http"
@@ -608,10 +614,6 @@ async def serve(
                             key: listener.port,
                         },
                     )
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
             stopper = asyncio.create_task(stop.wait())
             failed = asyncio.create_task(pool.failed.wait())
             await asyncio.wait({stopper, failed}, return_when=asyncio.FIRST_COMPLETED)

@@ -52,6 +52,11 @@ def create_database(*, migrated: bool = True) -> str:
     return url
 
 
+def url_for(name: str) -> str:
+    """The URL of database `name` on the tests' server."""
+    return _with_database(ADMIN_URL, name)
+
+
 def drop_database(url: str) -> None:
     """Drop a database made by create_database (disconnecting whoever is still on it)."""
     name = urlsplit(url).path.lstrip("/")
