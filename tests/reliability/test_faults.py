@@ -40,7 +40,9 @@ from tests.reliability.harness import (
     sign_in,
     signed_in,
 )
+from tests.support import postgres
 from tests.support.clock import FileClock
+from tests.support.database import rows
 from tests.support.google import FakeGoogle
 from tests.support.http import request
 from tests.support.redis_server import RedisServer
@@ -303,6 +305,57 @@ def test_an_outside_write_lock_costs_writes_seconds_not_the_service(
         assert "storage incident over" in logs
     finally:
         assert server.stop() == 0, server.logs()[-3000:]
+
+
+def test_a_postgres_lock_costs_writes_seconds_not_the_service(
+    tmp_path: Path, google: FakeGoogle
+) -> None:
+    """A migration or an operator holds `LOCK TABLE users, sessions IN EXCLUSIVE MODE`
+    (reads pass, writes wait) on the PostgreSQL database for 6 s."""
+    with postgres.database(migrated=False) as url:
+        clock = FileClock(tmp_path / "now").freeze()
+        server = start_server(tmp_path, server_env(google, DATABASE_URL=url), clock=clock)
+        try:
+            cookies = signed_in_cookies(server, google, 6)
+            clock.advance(120)  # every session's next check writes its last-seen time
+            with clock.ticking():
+                load = Load(server, google, cookies).start()
+                time.sleep(0.5)
+                with (
+                    Probes(server) as probes,
+                    postgres.holding(url, "LOCK TABLE users, sessions IN EXCLUSIVE MODE") as held,
+                ):
+                    locked = time.monotonic()
+                    held.wait(6)
+                    released = time.monotonic()  # the lock goes after this instant
+                wait_for("writes work again", writes_work(server, google))
+                time.sleep(0.5)
+                load.stop()
+
+            during = load.between(locked + 0.5, released)
+            reads = [o for o in during if o.procedure == GET_SESSION]
+            writes = [o for o in during if o.procedure in (SIGN_IN, UPDATE_USER)]
+            # Reads go on (last-seen writes are deferred, never in the call's way).
+            assert reads and all(o.code == "ok" for o in reads), Counter(o.code for o in reads)
+            assert max(o.seconds for o in reads) < 1.0
+            # Writes wait at most DATABASE_STATEMENT_TIMEOUT_MS, then say so.
+            assert writes and all(o.code == "unavailable" for o in writes), [
+                (o.procedure[-12:], round(o.at - locked, 2), round(o.seconds, 2), o.code)
+                for o in writes
+            ]
+            assert all(o.seconds < STORE_ANSWER_S and o.retry_after for o in writes)
+            assert probes.slowest_healthz() < HEALTHZ_S
+            codes = Counter(o.code for o in load.outcomes)
+            assert "internal" not in codes and "unknown" not in codes, codes
+            assert not load.dropped, load.dropped[:3]
+            assert log_faults(server) == []
+            stored = {row[0] for row in rows(server, "SELECT id FROM sessions")}
+            assert not [s for s in load.acknowledged if s not in stored]
+            logs = server.logs()
+            assert "storage incident started" in logs and "kind=busy" in logs
+            assert "storage incident over" in logs
+        finally:
+            assert server.stop() == 0, server.logs()[-3000:]
 
 
 @contextlib.contextmanager

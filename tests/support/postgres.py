@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
@@ -72,3 +73,57 @@ def database(*, migrated: bool = True) -> Iterator[str]:
         yield url
     finally:
         drop_database(url)
+
+
+class Held:
+    """A transaction holding what a statement took, until released."""
+
+    def __init__(self) -> None:
+        self._release = threading.Event()
+
+    def wait(self, seconds: float) -> None:
+        """Keep holding for `seconds` (the caller's thread waits)."""
+        self._release.wait(seconds)
+
+
+@contextlib.contextmanager
+def holding(url: str, sql: str) -> Iterator[Held]:
+    """Run `sql` in a transaction of another connection (a lock, say) and hold it for
+    the block; rolled back after."""
+    ready, held, failure = threading.Event(), Held(), []
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            async with conn.transaction():
+                await conn.execute(sql)
+                ready.set()
+                await asyncio.to_thread(done.wait)
+                raise _Rollback
+        except _Rollback:
+            pass
+        finally:
+            await conn.close()
+
+    def run() -> None:
+        try:
+            asyncio.run(hold())
+        except BaseException as exc:  # reported to the test below
+            failure.append(exc)
+            ready.set()
+
+    done = threading.Event()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ready.wait(30)
+    if failure:
+        raise failure[0]
+    try:
+        yield held
+    finally:
+        done.set()
+        thread.join(timeout=30)
+
+
+class _Rollback(Exception):
+    pass
