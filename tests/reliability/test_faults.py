@@ -43,6 +43,7 @@ from tests.reliability.harness import (
 from tests.support.clock import FileClock
 from tests.support.google import FakeGoogle
 from tests.support.http import request
+from tests.support.redis import RedisServer
 from tests.support.server import BIN, RunningServer, start_server
 
 pytestmark = pytest.mark.reliability
@@ -503,61 +504,6 @@ def test_a_removed_wal_stops_writes_and_loses_nothing_acknowledged(
 # --- Redis, for shared rate limits ---------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-class Redis:
-    """A redis-server of the test's own, on a free port (never the machine's shared one)."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.binary = require_tool("redis-server", "redis-server")
-        self.port = free_port()
-        self.dir = tmp
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Redis:
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_for("redis answers", self._answers, timeout_s=10)
-        return self
-
-    def _answers(self) -> bool:
-        with (
-            contextlib.suppress(OSError),
-            socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock,
-        ):
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-        return False
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.kill()
-            self.process.wait()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-
 def sign_ins_from(server: RunningServer, google: FakeGoogle, ip: str, n: int) -> list[Reply]:
     conn = Conn(server.port)
     try:
@@ -582,7 +528,7 @@ def sign_ins_from(server: RunningServer, google: FakeGoogle, ip: str, n: int) ->
 def test_redis_failing_degrades_limits_never_the_service(
     tmp_path: Path, google: FakeGoogle, fault: str
 ) -> None:
-    redis = Redis(tmp_path).start()
+    redis = RedisServer(tmp_path, binary=require_tool("redis-server", "redis-server")).start()
     server = start_server(
         tmp_path,
         server_env(
