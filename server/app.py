@@ -69,6 +69,7 @@ from server.rpc.page_tokens import PageTokens
 from server.rpc.signing import CookieSigner
 from server.rpc.user import UserService
 from server.rpc.user_agent import warm_up
+from server.runtime.home_loop import HomeLoop, OnHomeLoop
 from server.runtime.receive_fix import ReceiveAfterBodyFix
 from server.storage.backup import BACKUP_SUFFIX, backup
 from server.storage.files import private_dir
@@ -354,11 +355,14 @@ def create_app(
         routes["/dev/certs"] = _constant(PlainResponse.json(200, dev.certs()))
 
     jobs = _jobs(config, store, clock)
+    # The admin app shares the store, readiness and limits, which belong to the
+    # public app's event loop: its requests run there (server/runtime/home_loop.py).
+    home = HomeLoop()
     public = Router(
         public_apps,
         get_routes=routes,
-        on_startup=[job.start for job in jobs],
-        on_shutdown=[*(job.stop for job in jobs), _closer(store)],
+        on_startup=[home.capture, *(job.start for job in jobs)],
+        on_shutdown=[home.release, *(job.stop for job in jobs), _closer(store)],
     )
     admin_service = AdminService(
         admin=Admin(store, clock=clock, audit_log=audit_log, policy=policy),
@@ -373,7 +377,9 @@ def create_app(
         asgi=ReceiveAfterBodyFix(
             with_edge(public, allowed_origins=config.cors_allowed_origin, https=config.https)
         ),
-        admin=ReceiveAfterBodyFix(with_edge(admin, allowed_origins=(), https=False)),
+        admin=ReceiveAfterBodyFix(
+            OnHomeLoop(with_edge(admin, allowed_origins=(), https=False), home)
+        ),
     )
 
 
