@@ -108,6 +108,37 @@ def stop_all(servers: Sequence[RunningServer]) -> list[str]:
     ]
 
 
+class Cluster:
+    """Replicas of one environment. One a test killed is replaced (a new process on
+    the same database) when the next test asks for the replicas."""
+
+    def __init__(
+        self, tmp: Path, env: Mapping[str, str], *, clock: FileClock | None = None
+    ) -> None:
+        self._tmp = tmp
+        self._env = dict(env)
+        self._clock = clock
+        self.servers: list[RunningServer] = []
+
+    def start(self) -> Cluster:
+        """Start both replicas."""
+        self.servers = start_replicas(self._tmp, self._env, clock=self._clock)
+        return self
+
+    def replicas(self) -> list[RunningServer]:
+        """Both replicas, alive: the dead ones started again."""
+        dead = [i for i, server in enumerate(self.servers) if server.process.poll() is not None]
+        if dead:
+            fresh = start_replicas(self._tmp, self._env, count=len(dead), clock=self._clock)
+            for i, server in zip(dead, fresh, strict=True):
+                self.servers[i] = server
+        return list(self.servers)
+
+    def stop(self) -> list[str]:
+        """Stop the live replicas; the problems."""
+        return stop_all(self.servers)
+
+
 # --- calls ------------------------------------------------------------------------------------
 
 
