@@ -149,15 +149,6 @@ def outcome(reply: Reply) -> str:
     return reply.connect_code() or f"HTTP {reply.status} {reply.body[:200]!r}"
 
 
-def call_once(server: RunningServer, procedure: str, message: object, **kw: str) -> Reply:
-    """One Connect call on a connection of its own."""
-    conn = Conn(server.port)
-    try:
-        return conn.connect_call(procedure, message, **kw)
-    finally:
-        conn.close()
-
-
 def all_at_once(calls: Sequence[tuple[RunningServer, Callable[[Conn], T]]]) -> list[T]:
     """Each call on its own connection to its replica, all released together; in order."""
     barrier = threading.Barrier(len(calls))
@@ -247,6 +238,29 @@ def database_ports(server: RunningServer, database_url: str) -> set[int]:
             if inode in inodes and int(remote.rsplit(":", 1)[1], 16) == db_port:
                 ports.add(int(local.rsplit(":", 1)[1], 16))
     return ports
+
+
+def stored_session_ids(database_url: str) -> set[str]:
+    """The ids of every session in the database."""
+    db = Database(database_url)
+    try:
+        return {row[0] for row in db.fetch("SELECT id FROM sessions")}
+    finally:
+        db.close()
+
+
+def not_working(server: RunningServer, sessions: Sequence[SignedIn]) -> list[str]:
+    """The sessions that GetSession on `server` does not answer as themselves."""
+    conn = Conn(server.port)
+    try:
+        failing = []
+        for session in sessions:
+            reply = conn.connect_call(GET_SESSION, {}, cookie=session.cookie)
+            if reply.status != 200 or reply.json()["session"]["id"] != session.session_id:
+                failing.append(f"{session.session_id}: {reply}")
+        return failing
+    finally:
+        conn.close()
 
 
 # --- load ----------------------------------------------------------------------------------

@@ -15,22 +15,21 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tests.reliability.harness import Conn, SignedIn, kill_hard, log_faults
+from tests.reliability.harness import kill_hard, log_faults
 from tests.replicas.cluster import (
-    GET_SESSION,
     Call,
-    Database,
     Load,
     count,
+    not_working,
     replica_env,
     since,
     start_replicas,
     stop_all,
+    stored_session_ids,
 )
 from tests.support import postgres
 from tests.support.google import FakeGoogle
 from tests.support.redis import RedisServer
-from tests.support.server import RunningServer
 
 BEFORE = 10  # acknowledged sign-ins on each replica before the kill
 AFTER = 20  # acknowledged sign-ins on A after it
@@ -64,10 +63,10 @@ def test_killing_one_replica_under_load_loses_nothing_acknowledged(
             assert a.process.poll() is None
             assert not [c for c in calls if c.replica == "b" and c.code not in ("ok", "dropped")]
 
-            stored = {row[0] for row in _sessions(url)}
+            stored = stored_session_ids(url)
             lost = [s for s in acknowledged if s.session_id not in stored]
             assert not lost, f"{len(lost)} of {len(acknowledged)} acknowledged sign-ins lost"
-            assert _not_working_on(a, acknowledged) == []
+            assert not_working(a, acknowledged) == []
             assert log_faults(a) == []
         finally:
             assert stop_all([a, b]) == []
@@ -76,25 +75,3 @@ def test_killing_one_replica_under_load_loses_nothing_acknowledged(
 def signed_in(calls: list[Call], replica: str, *, since: float) -> int:
     """How many sign-ins `replica` acknowledged in calls started at or after `since`."""
     return count(calls, since, replica=replica, procedure="SignIn", code="ok")
-
-
-def _sessions(url: str) -> list[tuple[object, ...]]:
-    db = Database(url)
-    try:
-        return db.fetch("SELECT id FROM sessions")
-    finally:
-        db.close()
-
-
-def _not_working_on(server: RunningServer, sessions: list[SignedIn]) -> list[str]:
-    """The sessions GetSession on `server` does not answer as themselves."""
-    conn = Conn(server.port)
-    try:
-        failing = []
-        for session in sessions:
-            reply = conn.connect_call(GET_SESSION, {}, cookie=session.cookie)
-            if reply.status != 200 or reply.json()["session"]["id"] != session.session_id:
-                failing.append(f"{session.session_id}: {reply}")
-        return failing
-    finally:
-        conn.close()
