@@ -32,6 +32,7 @@ from tests.reliability.harness import (
     Reply,
     SignedIn,
     envoy_pid,
+    log_faults,
     signed_in,
 )
 from tests.support.clock import FileClock
@@ -96,16 +97,23 @@ def start_replicas(
 
 
 def stop_all(servers: Sequence[RunningServer]) -> list[str]:
-    """Stop every live replica, all at once; the problems (a non-zero exit), for the
-    caller to assert on."""
+    """Stop every live replica, all at once; the problems, for the caller to assert on:
+    a non-zero exit, or a traceback or `internal` answer in a replica's log (killed
+    ones included)."""
     live = [server for server in servers if server.process.poll() is None]
     with ThreadPoolExecutor(max_workers=max(1, len(live))) as pool:
         codes = list(pool.map(lambda server: server.stop(), live))
-    return [
+    problems = [
         f"replica on port {server.port} exited {code}:\n{server.logs()[-3000:]}"
         for server, code in zip(live, codes, strict=True)
         if code != 0
     ]
+    problems += [
+        f"replica on port {server.port} logged: {faults}"
+        for server in servers
+        if (faults := log_faults(server))
+    ]
+    return problems
 
 
 class Cluster:
