@@ -77,6 +77,7 @@ from server.rpc.page_tokens import PageTokens
 from server.rpc.signing import CookieSigner
 from server.rpc.user import UserService
 from server.rpc.user_agent import warm_up
+from server.runtime.home_loop import HomeLoop, OnHomeLoop
 from server.runtime.receive_fix import ReceiveAfterBodyFix
 from server.storage.backup import BACKUP_SUFFIX, backup
 from server.storage.files import private_dir
@@ -388,11 +389,14 @@ def create_app(
         routes["/dev/certs"] = _constant(PlainResponse.json(200, dev.certs()))
 
     jobs = _jobs(config, store, clock)
+    # The admin app shares the store, readiness and limits, which belong to the
+    # public app's event loop: its requests run there (server/runtime/home_loop.py).
+    home = HomeLoop()
     public = Router(
         public_apps,
         get_routes=routes,
-        on_startup=[job.start for job in jobs],
-        on_shutdown=[*(job.stop for job in jobs), _closer(store)],
+        on_startup=[home.capture, *(job.start for job in jobs)],
+        on_shutdown=[home.release, *(job.stop for job in jobs), _closer(store)],
     )
     admin_service = AdminService(
         admin=Admin(store, clock=clock, audit_log=audit_log, policy=policy),
@@ -420,8 +424,12 @@ def create_app(
         asgi=ReceiveAfterBodyFix(
             with_edge(public, allowed_origins=config.cors_allowed_origin, https=config.https)
         ),
-        admin=ReceiveAfterBodyFix(with_edge(admin, allowed_origins=(), https=False)),
-        forward_auth=forward_auth,
+        admin=ReceiveAfterBodyFix(
+            OnHomeLoop(with_edge(admin, allowed_origins=(), https=False), home)
+        ),
+        # Its own listener, so its own loop in pyvoy: the store and the limiter's
+        # Redis client belong to the public app's (server/runtime/home_loop.py).
+        forward_auth=OnHomeLoop(forward_auth, home),
     )
 
 

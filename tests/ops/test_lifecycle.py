@@ -42,7 +42,7 @@ from tests.support.burst import (
 from tests.support.client import code_of
 from tests.support.google import FakeGoogle
 from tests.support.http import Response, connect_post, request
-from tests.support.redis_server import redis_server
+from tests.support.redis import redis_server
 from tests.support.server import RunningServer, start_server
 
 CLI = str(Path(sys.executable).parent / "expense-auth")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tests.conftest import require_tool
 from tests.support import postgres
-from tests.support.redis_server import redis_server
+from tests.support.redis import redis_server
 from tests.support.server import REPO
 
 DOC = REPO / "docs" / "operations.md"

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import server_env
 from tests.support import postgres
 from tests.support.google import FakeGoogle
-from tests.support.redis_server import RedisServer, redis_server
+from tests.support.redis import RedisServer, redis_server
 from tests.support.server import BIN, RunningServer, start_server
 
 MEMORY = "memory://"

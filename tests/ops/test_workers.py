@@ -25,7 +25,7 @@ from tests.conftest import server_env
 from tests.reliability.harness import AUTH, USER, Conn, Dropped, Reply, sign_in
 from tests.support.google import FakeGoogle
 from tests.support.promql import value
-from tests.support.redis_server import RedisServer, redis_server
+from tests.support.redis import RedisServer, redis_server
 from tests.support.server import BIN, RunningServer, start_server
 
 WORKERS = 2

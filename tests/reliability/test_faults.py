@@ -45,7 +45,7 @@ from tests.support.clock import FileClock
 from tests.support.database import rows
 from tests.support.google import FakeGoogle
 from tests.support.http import request
-from tests.support.redis_server import RedisServer
+from tests.support.redis import RedisServer
 from tests.support.server import BIN, RunningServer, start_server
 
 pytestmark = pytest.mark.reliability
@@ -581,7 +581,7 @@ def sign_ins_from(server: RunningServer, google: FakeGoogle, ip: str, n: int) ->
 def test_redis_failing_degrades_limits_never_the_service(
     tmp_path: Path, google: FakeGoogle, fault: str
 ) -> None:
-    redis = RedisServer(tmp_path).start()
+    redis = RedisServer(tmp_path, binary=require_tool("redis-server", "redis-server")).start()
     server = start_server(
         tmp_path,
         server_env(

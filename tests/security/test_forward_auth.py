@@ -7,6 +7,8 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,10 +17,12 @@ import pytest
 from server.config import ConfigError, load_config
 from tests.conftest import server_env
 from tests.gateways.harness import free_port
+from tests.support import postgres
 from tests.support.client import Session
 from tests.support.clock import FileClock
 from tests.support.google import FakeGoogle
 from tests.support.http import Response, connect_post, request
+from tests.support.redis import redis_server
 from tests.support.server import REPO, RunningServer, start_server
 
 CLI = str(Path(sys.executable).parent / "expense-auth")
@@ -249,3 +253,48 @@ def test_checks_are_counted_in_the_metrics(server: RunningServer, cookie: str) -
     metrics = request(server.admin_url, "GET", "/metrics").body.decode()
     assert 'expense_auth_forward_auth_checks_total{result="ok"}' in metrics
     assert 'expense_auth_forward_auth_checks_total{result="unauthenticated"}' in metrics
+
+
+# Its own listener, its own event loop -----------------------------------------------------
+
+
+def test_checks_and_api_calls_at_once_on_postgres_and_redis(
+    tmp_path: Path, google: FakeGoogle
+) -> None:
+    """pyvoy runs each listener's app on an event loop of its own; the asyncpg pool and
+    the Redis client belong to the public app's. Checks and API calls at the same time
+    must all be answered as when alone (server/runtime/home_loop.py)."""
+    with postgres.database(migrated=False) as url, redis_server(tmp_path) as redis:
+        running = start_server(
+            tmp_path,
+            server_env(
+                google, DATABASE_URL=url, RATE_LIMIT_STORAGE_URL=redis.url, FORWARD_AUTH_PORT="0"
+            ),
+        )
+        try:
+            client = Session(running.url)
+            client.sign_in(google.token(sub=secrets.token_hex(8)))
+            assert client.cookie
+            cookie = client.cookie
+            statuses: list[int] = []
+
+            def checks() -> None:
+                for _ in range(40):
+                    statuses.append(check(running, cookie=cookie).status)
+
+            def api() -> None:
+                for _ in range(40):
+                    response = connect_post(
+                        running.url, GET_SESSION, {}, headers={"cookie": cookie}
+                    )
+                    statuses.append(response.status)
+
+            threads = [threading.Thread(target=work) for work in (checks, checks, api, api)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+            assert statuses.count(200) == 160, Counter(statuses)
+        finally:
+            assert running.stop() == 0, running.logs()[-3000:]
+        assert "Traceback" not in running.logs()

@@ -14,6 +14,12 @@ def classify(exc: BaseException) -> Failure | None:
     """The failure `exc` means, or None when it is not the database's (our own bug)."""
     if isinstance(exc, TimeoutError | OSError | asyncpg.exceptions.InterfaceError):
         return UNREACHABLE  # no connection in time, refused, reset, closed under us
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        # asyncpg's protocol out of step with a connection the server is closing: seen
+        # when PostgreSQL shut down while the pool reset a connection it was given
+        # back ("cannot switch to state 15; another operation (2) is in progress");
+        # the pool drops that connection.
+        return UNREACHABLE
     if isinstance(exc, (asyncpg.exceptions.QueryCanceledError, *RETRYABLE)):
         return BUSY  # statement_timeout: a lock or the server held the call too long
     if isinstance(exc, asyncpg.exceptions.LockNotAvailableError):

@@ -21,6 +21,7 @@ a race (a serialization failure or a deadlock) is tried again, twice.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -49,6 +50,24 @@ P = ParamSpec("P")
 T = TypeVar("T")
 Query = Callable[Concatenate[Any, P], Awaitable[T]]
 ATTEMPTS = 3
+
+
+class _FloorRetriesOnOneLine(logging.Filter):
+    """asyncpg's pool reconnects up to its minimum size by itself while the database
+    is down, and logs each failed try (1 s, 2 s, 4 s... apart) with a traceback. The
+    error's text says all there is (the store logs the incident itself), and a
+    traceback in the log stands for a bug of ours: keep the line, drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and record.getMessage().startswith("Failed to restore the pool"):
+            record.error = f"{type(exc).__name__}: {exc}"[:300]
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+logging.getLogger("asyncpg.pool").addFilter(_FloorRetriesOnOneLine())
 
 
 class PostgresStore:

@@ -1,4 +1,8 @@
-"""A redis-server of the test's own, on a free port (never the machine's shared one)."""
+"""A redis-server of the test's own, on a free port (never the machine's shared one).
+
+Used for the rate limits shared by replicas (RATE_LIMIT_STORAGE_URL=redis://...):
+the fault tests kill and stop it, the replica tests share it between servers.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +14,20 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import require_tool
+from tests.support.ports import free_port
 
-START_TIMEOUT_S = 10
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+START_TIMEOUT_S = 10.0
 
 
 class RedisServer:
-    """One redis-server process: no persistence, bound to 127.0.0.1."""
+    """redis-server without persistence, on 127.0.0.1 and a port of its own.
 
-    def __init__(self, tmp: Path) -> None:
-        self.binary = require_tool("redis-server", "redis-server")
+    `binary` is the path of redis-server (callers decide how a missing one is
+    reported). `start` may be called again after `kill`: the same port is reused.
+    """
+
+    def __init__(self, tmp: Path, *, binary: str) -> None:
+        self.binary = binary
         self.port = free_port()
         self.dir = tmp
         self.process: subprocess.Popen[bytes] | None = None
@@ -42,13 +42,14 @@ class RedisServer:
         )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.answers():
-            assert self.process.poll() is None, "redis-server exited while starting"
-            assert time.monotonic() < deadline, f"redis-server silent for {START_TIMEOUT_S} s"
-            time.sleep(0.02)
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not answer on port {self.port}")
+            time.sleep(0.05)
         return self
 
     def answers(self) -> bool:
-        """Whether it answers PING now."""
+        """Whether it answers PING right now."""
         with (
             contextlib.suppress(OSError),
             socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock,
@@ -58,18 +59,18 @@ class RedisServer:
         return False
 
     def kill(self) -> None:
-        """SIGKILL, and wait for it."""
+        """SIGKILL, and wait."""
         assert self.process is not None
         self.process.kill()
         self.process.wait()
 
     def signal(self, sig: signal.Signals) -> None:
-        """Send it a signal (SIGSTOP freezes it)."""
+        """Send a signal (SIGSTOP, SIGCONT...)."""
         assert self.process is not None
         self.process.send_signal(sig)
 
     def stop(self) -> None:
-        """Gone, whatever state it was in."""
+        """Gone for good (resumed first if it was stopped)."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)
             self.process.kill()
@@ -77,14 +78,16 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """Its RATE_LIMIT_STORAGE_URL."""
+        """RATE_LIMIT_STORAGE_URL for it."""
         return f"redis://127.0.0.1:{self.port}"
 
 
 @contextlib.contextmanager
 def redis_server(tmp: Path) -> Iterator[RedisServer]:
-    """A running redis-server for the block."""
-    server = RedisServer(tmp).start()
+    """A running redis-server for the block (a missing binary fails in CI, skips outside)."""
+    from tests.conftest import require_tool
+
+    server = RedisServer(tmp, binary=require_tool("redis-server", "redis-server")).start()
     try:
         yield server
     finally:
