@@ -13,12 +13,13 @@ from pathlib import Path
 
 from server.config import Config, ConfigError, load_config
 from server.domain.clock import SystemClock
+from server.domain.errors import Unavailable
 from server.identity.dev_issuer import DEV_AUDIENCE, DevIssuer
 from server.ops import logs
 from server.ops.backup_status import record_success
 from server.ops.readiness import SHUTDOWN_MARKER_ENV
 from server.storage.backup import BackupError, backup, restore
-from server.storage.failures import SchemaTooNew
+from server.storage.failures import DatabaseUnreachable, SchemaTooNew
 from server.storage.files import UMASK, open_to_others, private_dir, tighten_database
 from server.storage.postgres import backup as postgres_backup
 from server.storage.sqlite import check_integrity
@@ -123,9 +124,11 @@ def _dev_token(config: Config, args: argparse.Namespace) -> int:
 
 
 def _purge(config: Config) -> int:
-    from server.app import SchemaNotReady, build_retention, open_store
+    from server.app import SchemaNotReady, build_retention, open_store, pending_migrations
 
     try:
+        if pending_migrations(config):  # on PostgreSQL, also: can we reach it at all?
+            raise SchemaNotReady
         store = open_store(config)
     except SchemaNotReady:
         print("expense-auth: run `expense-auth migrate` first", file=sys.stderr)
@@ -137,7 +140,11 @@ def _purge(config: Config) -> int:
         finally:
             await store.aclose()
 
-    counts = asyncio.run(purge())
+    try:
+        counts = asyncio.run(purge())
+    except Unavailable as exc:  # the database went away mid-way (logged as an incident)
+        print(f"expense-auth: purge stopped: {exc}", file=sys.stderr)
+        return 1
     print(" ".join(f"{kind}={count}" for kind, count in counts.items()))
     return 0
 
@@ -325,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SchemaTooNew as exc:
         print(f"expense-auth: {exc}; upgrade expense-auth", file=sys.stderr)
         return 2
-    except BackupError as exc:
+    except (BackupError, DatabaseUnreachable) as exc:
         print(f"expense-auth: {exc}", file=sys.stderr)
         return 1
 

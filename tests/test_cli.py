@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -169,3 +170,21 @@ def test_trusted_proxies_are_networks_and_mistakes_are_named() -> None:
     message = str(err.value)
     assert "10.0.0.1/8 has host bits set" in message
     assert "'proxy.internal' does not appear to be an IPv4 or IPv6 network" in message
+
+
+@pytest.mark.parametrize("command", [("migrate",), ("serve", "--port", "0"), ("purge",)])
+def test_an_unreachable_postgres_is_named_without_a_traceback(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"postgresql://someone:hunter2secret@127.0.0.1:{port}/expenses"
+    result = run_cli(*command, env={"DATABASE_URL": url, "DATA_DIR": str(tmp_path)}, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert (
+        f"cannot connect to the PostgreSQL database at 127.0.0.1:{port}/expenses (DATABASE_URL)"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert "hunter2secret" not in result.stderr + result.stdout

@@ -74,6 +74,10 @@ class SchemaTooNew(Exception):
     """The database was migrated by a newer version of the service (either engine)."""
 
 
+class DatabaseUnreachable(Exception):
+    """A command could not connect to the database; the message says where and why."""
+
+
 class Incidents:
     """One log line when a kind of failure starts and one when it is over; counts."""
 

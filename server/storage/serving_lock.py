@@ -28,6 +28,9 @@ from pathlib import Path
 
 import asyncpg
 
+from server.storage.failures import DatabaseUnreachable
+from server.storage.postgres.failures import connect
+
 log = logging.getLogger("expense_auth.serving_lock")
 
 # pg_try_advisory_lock key of `serve` (the migrations use another).
@@ -86,7 +89,7 @@ class _PostgresLock:
 
     async def take(self) -> bool:
         """Connect and try the lock; True when held."""
-        conn = await asyncpg.connect(self._url, timeout=self._timeout_s)
+        conn = await connect(self._url, timeout_s=self._timeout_s)
         try:
             held = bool(await conn.fetchval(self._sql, SERVING_LOCK, timeout=self._timeout_s))
         except BaseException:
@@ -124,7 +127,7 @@ class _PostgresLock:
                         "of reach: the two do not share rate limits until one stops",
                         extra={"detail": _refusal(self._shared, "this database")},
                     )
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except (DatabaseUnreachable, OSError, TimeoutError, asyncpg.PostgresError):
                 continue  # still out of reach
 
     async def release(self) -> None:
@@ -140,7 +143,7 @@ async def postgres_serving_lock(url: str, *, shared: bool, timeout_s: float) -> 
 
     Raises:
         AnotherServer: Another server holds it in a conflicting mode.
-        OSError, asyncpg.PostgresError: The database cannot be reached.
+        DatabaseUnreachable: The database cannot be reached.
     """
     lock = _PostgresLock(url, shared=shared, timeout_s=timeout_s)
     if not await lock.take():

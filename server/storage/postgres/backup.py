@@ -22,7 +22,9 @@ from pathlib import Path
 import asyncpg
 
 from server.storage.backup import BACKUP_PREFIX, BackupError, Restored
+from server.storage.failures import DatabaseUnreachable
 from server.storage.files import private_dir, private_file
+from server.storage.postgres.failures import connect
 
 SUFFIX = ".pgdump"
 TIMEOUT_S = 3600
@@ -82,7 +84,7 @@ def restore(src: Path, url: str) -> Restored:
     try:
         deletions = asyncio.run(_deletion_log(url))
         unknown = False
-    except (OSError, asyncpg.PostgresError, TimeoutError):
+    except (DatabaseUnreachable, OSError, asyncpg.PostgresError, TimeoutError):
         deletions, unknown = [], True
     _run(
         [
@@ -133,7 +135,7 @@ def apply_deletions(url: str, src: Path) -> int:
 
 
 async def _deletion_log(url: str) -> list[tuple[str, int]]:
-    conn = await asyncpg.connect(url, timeout=10)
+    conn = await connect(url, timeout_s=10)
     try:
         if not await conn.fetchval("SELECT to_regclass('deleted_accounts') IS NOT NULL"):
             return []
@@ -146,7 +148,7 @@ async def _deletion_log(url: str) -> list[tuple[str, int]]:
 async def _reapply(url: str, deletions: list[tuple[str, int]]) -> int:
     if not deletions:
         return 0
-    conn = await asyncpg.connect(url, timeout=10)
+    conn = await connect(url, timeout_s=10)
     try:
         async with conn.transaction():
             doomed = await conn.fetch(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import asyncpg
 
-from server.storage.failures import BUSY, UNREACHABLE, Failure
+from server.storage.failures import BUSY, UNREACHABLE, DatabaseUnreachable, Failure
 
 # Errors that mean: try the transaction again (another one won a race).
 RETRYABLE = (asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
@@ -50,3 +52,31 @@ def classify(exc: BaseException) -> Failure | None:
                 60,
             )
     return None
+
+
+# What a connection attempt raises when the server is not there or refuses us: refused,
+# unresolvable, TLS failures (ssl.SSLError is an OSError), timeouts, authentication,
+# a database that does not exist.
+CONNECT_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def where(url: str) -> str:
+    """host:port/database of a URL, never its password (for messages)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    return f"{host}:{parts.port or 5432}{parts.path or '/'}"
+
+
+async def connect(url: str, *, timeout_s: float) -> asyncpg.Connection:
+    """One connection for a command (migrate, backup, the serving lock...).
+
+    Raises:
+        DatabaseUnreachable: It could not be made; the message says where and why.
+    """
+    try:
+        return await asyncpg.connect(url, timeout=timeout_s)
+    except CONNECT_ERRORS as exc:
+        reason = str(exc) or type(exc).__name__
+        raise DatabaseUnreachable(
+            f"cannot connect to the PostgreSQL database at {where(url)} (DATABASE_URL): {reason}"
+        ) from None

@@ -14,6 +14,7 @@ from pathlib import Path
 import asyncpg
 
 from server.storage.failures import SchemaTooNew
+from server.storage.postgres.failures import connect
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # pg_advisory_lock key of expense-auth's migrations (any fixed 64-bit number).
@@ -52,7 +53,7 @@ async def _pending(conn: asyncpg.Connection) -> list[str]:
 
 async def check_schema(url: str, *, timeout_s: float) -> list[str]:
     """The migrations not yet applied; raises SchemaTooNew for unknown applied ones."""
-    conn = await asyncpg.connect(url, timeout=timeout_s)
+    conn = await connect(url, timeout_s=timeout_s)
     try:
         return await _pending(conn)
     finally:
@@ -61,7 +62,7 @@ async def check_schema(url: str, *, timeout_s: float) -> list[str]:
 
 async def migrate(url: str, *, timeout_s: float) -> list[str]:
     """Apply pending migrations, one replica at a time; returns the names applied."""
-    conn = await asyncpg.connect(url, timeout=timeout_s)
+    conn = await connect(url, timeout_s=timeout_s)
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
         try:
