@@ -78,6 +78,18 @@ class PostgresServer:
             )
         return self
 
+    def enable_tls(self, cert: Path, key: Path) -> None:
+        """Serve TLS with this certificate and key (PEM), from the next start on."""
+        for source, name in ((cert, "server.crt"), (key, "server.key")):
+            target = self.data / name
+            shutil.copyfile(source, target)
+            os.chmod(target, 0o600)
+            if self._as_root:
+                owner = pwd.getpwnam(OS_USER)
+                os.chown(target, owner.pw_uid, owner.pw_gid)
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
+
     def start(self) -> None:
         """Start it and wait until it accepts connections."""
         self._run(
