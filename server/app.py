@@ -285,6 +285,7 @@ def create_app(
         clock=clock,
         fail_open=FAIL_OPEN,
         on_error=metrics.rate_limit_storage_errors.inc,
+        timeout_s=config.rate_limit_storage_timeout_ms / 1000,
     )
     throttle = Throttle(
         counters.counter,

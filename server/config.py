@@ -118,6 +118,7 @@ class Config(BaseModel):
     signin_nonce_required: bool | None = None
     request_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     rate_limit_storage_url: str = "memory://"
+    rate_limit_storage_timeout_ms: int = Field(default=100, ge=5, le=5000)
     rate_limit_signin_per_ip: str = "60/minute"
     rate_limit_signin_per_subject: str = "10/minute;30/hour"
     rate_limit_failed_signin_per_ip: str = "5/minute;20/hour"

@@ -35,7 +35,8 @@ from server.domain.throttle import Limit, WindowCounter
 log = logging.getLogger("expense_auth.limits")
 
 # Redis is a few milliseconds away; a call it does not answer in this long is a
-# failure (a stopped or overloaded Redis must not hold calls).
+# failure (a stopped or overloaded Redis must not hold calls). The default of
+# RATE_LIMIT_STORAGE_TIMEOUT_MS.
 REDIS_TIMEOUT_S = 0.1
 REDIS_RETRY_S = 1.0
 
@@ -245,15 +246,21 @@ class Counters:
         clock: Clock,
         fail_open: frozenset[str],
         on_error: Callable[[], None] = lambda: None,
+        timeout_s: float = REDIS_TIMEOUT_S,
     ) -> None:
         url = url.removeprefix("async+")
         memory = MemoryCounter(now=lambda: clock.monotonic_ms() / 1000)
         self.fallback: FallbackCounter | None = None
         self.counter: WindowCounter = memory
         if not url.startswith("memory://"):
-            redis = RedisCounter(url, timeout_s=REDIS_TIMEOUT_S)
+            redis = RedisCounter(url, timeout_s=timeout_s)
             self.fallback = FallbackCounter(
-                redis, memory, fail_open=fail_open, clock=clock, on_error=on_error
+                redis,
+                memory,
+                fail_open=fail_open,
+                clock=clock,
+                on_error=on_error,
+                timeout_s=timeout_s,
             )
             self.counter = self.fallback
 

@@ -28,6 +28,7 @@ from tests.replicas.cluster import (
 from tests.support import postgres
 from tests.support.clock import FileClock
 from tests.support.google import FakeGoogle
+from tests.support.redis import RedisServer
 from tests.support.server import RunningServer
 
 INTERVAL_S = 1
@@ -70,9 +71,13 @@ def clock(tmp_path_factory: pytest.TempPathFactory) -> FileClock:
 
 @pytest.fixture(scope="module")
 def cluster(
-    tmp_path_factory: pytest.TempPathFactory, google: FakeGoogle, clock: FileClock
+    tmp_path_factory: pytest.TempPathFactory,
+    google: FakeGoogle,
+    clock: FileClock,
+    redis: RedisServer,
 ) -> Iterator[Cluster]:
-    """Two replicas running the retention job every second on one database."""
+    """Two replicas running the retention job every second on one database (and
+    sharing rate limits in Redis, as replicas must: database 1, apart from the pair's)."""
     with postgres.database() as url:
         db = Database(url)
         try:
@@ -82,6 +87,7 @@ def cluster(
         env = replica_env(
             google,
             database_url=url,
+            redis_url=f"{redis.url}/1",
             RETENTION_INTERVAL_SECONDS=str(INTERVAL_S),
             # A statement waiting for a lock (below) waits; by default it gives up
             # after 2 s, before the test could kill its replica.
