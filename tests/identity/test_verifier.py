@@ -107,9 +107,13 @@ def raw_jwt(header: object, claims: object) -> str:
 
 
 def with_kid(fake: FakeGoogle, kid: object, **claims: object) -> str:
-    """A token signed with the current key but naming key id `kid`."""
-    token: bytes = google.auth.jwt.encode(fake.current.signer, fake.claims(**claims), key_id=kid)
-    return token.decode()
+    """A token signed with the current key but naming key id `kid` (None: no `kid` at
+    all; google-auth's encoder would put in the signer's own)."""
+    header: dict[str, object] = {"alg": "RS256", "typ": "JWT"}
+    if kid is not None:
+        header["kid"] = kid
+    signed = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(fake.claims(**claims)).encode())}"
+    return f"{signed}.{b64(fake.current.signer.sign(signed.encode()))}"
 
 
 def forged_signature(fake: FakeGoogle) -> str:
@@ -117,6 +121,19 @@ def forged_signature(fake: FakeGoogle) -> str:
     published_kid = fake.current.kid
     fake.rotate(publish=False)
     return with_kid(fake, published_kid)
+
+
+def signed_by_the_other_published_key(fake: FakeGoogle) -> str:
+    """Names a published key but is signed by another key that is published too."""
+    named = fake.current.kid
+    fake.rotate()
+    return with_kid(fake, named)
+
+
+def unpublished_key_without_kid(fake: FakeGoogle) -> str:
+    """Names no key (so every published key is tried) and is signed by none of them."""
+    fake.rotate(publish=False)
+    return with_kid(fake, None)
 
 
 def unpublished_key(fake: FakeGoogle) -> str:
@@ -203,7 +220,11 @@ def test_tolerated_variations_are_accepted(
 
 
 def test_a_token_without_a_key_id_is_checked_against_every_published_key(h: Harness) -> None:
-    assert h.verify(with_kid(h.fake, None)).subject == "110169484474386276334"
+    h.fake.rotate()  # two published keys; the token is signed by the second
+    token = with_kid(h.fake, None)
+
+    assert "kid" not in google.auth.jwt.decode_header(token)
+    assert h.verify(token).subject == "110169484474386276334"
 
 
 # ---------------------------------------------------------------------------
@@ -249,6 +270,8 @@ REJECTED = [
         id="issued_in_the_future",
     ),
     pytest.param(lambda g: g.token(exp=None), "missing_claim", "claim", id="missing_exp"),
+    pytest.param(lambda g: g.token(iat=None), "missing_claim", "claim", id="missing_iat"),
+    pytest.param(lambda g: g.token(aud=None), "bad_audience", "audience", id="missing_audience"),
     pytest.param(
         lambda g: g.token(exp="soon"), "bad_claim", "exp claim is not a valid time", id="exp_text"
     ),
@@ -268,6 +291,16 @@ REJECTED = [
     ),
     pytest.param(forged_signature, "bad_signature", "signature", id="bad_signature"),
     pytest.param(unpublished_key, "unknown_key", "unknown key", id="unknown_key_id"),
+    pytest.param(
+        signed_by_the_other_published_key,
+        "bad_signature",
+        "signature",
+        id="another_published_key",
+    ),
+    pytest.param(
+        unpublished_key_without_kid, "bad_signature", "signature", id="no_kid_no_key_signed"
+    ),
+    pytest.param(lambda g: with_kid(g, 7), "unknown_key", "unknown key", id="kid_not_a_string"),
     pytest.param(lambda g: g.unsigned_token(), "bad_alg", "'none'", id="alg_none"),
     pytest.param(
         lambda g: g.token_with_header({"alg": "HS256"}), "bad_alg", "'HS256'", id="alg_hs256"
