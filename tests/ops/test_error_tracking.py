@@ -9,6 +9,7 @@ file fails for real too.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import sqlite3
@@ -20,7 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sentry_sdk
+from starlette.types import Message, Receive, Scope, Send
 
+from server.config import load_config
+from server.ops import error_tracking
 from server.rpc.errors import INTERNAL_MESSAGE
 from tests.conftest import server_env
 from tests.support.client import cookie_from
@@ -228,3 +233,39 @@ def test_without_a_dsn_the_sdk_is_not_even_imported(tmp_path: Path, dsn: str) ->
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ("['sentry_sdk']" if dsn else "[]"), result.stderr
+
+
+def test_what_escapes_an_application_is_reported_scrubbed_and_raised_as_before(
+    tmp_path: Path, sentry: FakeSentry
+) -> None:
+    """The outermost layer, with the real SDK set up as the server sets it up (here in
+    the test's process), around an application that fails with secrets in its message."""
+    secret = secrets.token_urlsafe(32)
+    config = load_config({"SENTRY_DSN": sentry.dsn, "DATA_DIR": str(tmp_path)}, env_file=None)
+    tracker = error_tracking.start(config, secrets=[secret])
+    try:
+
+        async def broken(scope: Scope, receive: Receive, send: Send) -> None:
+            raise LookupError(f"no route for {secret} (ann@example.com)")
+
+        async def nothing() -> Message:
+            return {"type": "http.disconnect"}
+
+        async def ignore(message: Message) -> None:
+            return None
+
+        headers = [(b"x-request-id", b"escape-1"), (b"cookie", f"s={secret}".encode())]
+        app = tracker.around(broken, listener="public")
+        with pytest.raises(LookupError):
+            asyncio.run(app({"type": "http", "path": "/x", "headers": headers}, nothing, ignore))
+        asyncio.run(tracker.flush())
+    finally:
+        sentry_sdk.get_client().close()
+        sentry_sdk.get_global_scope().set_client(None)
+    (event,) = sentry.events()
+    assert event["tags"] == {"listener": "public", "scope": "http", "request_id": "escape-1"}
+    (exception,) = event["exception"]["values"]
+    assert exception["type"] == "LookupError"
+    assert exception["value"] == "no route for [Filtered:secret] ([Filtered:email])"
+    for envelope in sentry.envelopes:
+        assert secret.encode() not in envelope.body and b"ann@example.com" not in envelope.body
