@@ -256,8 +256,12 @@ def test_what_escapes_an_application_is_reported_scrubbed_and_raised_as_before(
 
         headers = [(b"x-request-id", b"escape-1"), (b"cookie", f"s={secret}".encode())]
         app = tracker.around(broken, listener="public")
+
+        async def call() -> None:
+            await app({"type": "http", "path": "/x", "headers": headers}, nothing, ignore)
+
         with pytest.raises(LookupError):
-            asyncio.run(app({"type": "http", "path": "/x", "headers": headers}, nothing, ignore))
+            asyncio.run(call())
         asyncio.run(tracker.flush())
     finally:
         sentry_sdk.get_client().close()
