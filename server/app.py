@@ -466,9 +466,9 @@ def _error_tracker(config: Config, keys: Sequence[str]) -> ErrorTracker | None:
         return None
     from server.ops import error_tracking
 
-    secrets = [*keys, _secret(config.admin_token) or ""]
-    secrets += [_password(config.database_url), _password(config.rate_limit_storage_url)]
-    return error_tracking.start(config, secrets=[s for s in secrets if s])
+    never_sent = [*keys, _secret(config.admin_token) or ""]
+    never_sent += [_password(config.database_url), _password(config.rate_limit_storage_url)]
+    return error_tracking.start(config, secrets=[s for s in never_sent if s])
 
 
 def _password(url: str) -> str:
