@@ -22,6 +22,7 @@ from server.rpc.context import (
     procedure_of,
     protocol_of,
     request_id_of,
+    set_request_id,
 )
 from server.rpc.errors import code_of
 
@@ -38,6 +39,7 @@ class RequestLogger:
         incoming = ctx.request_headers.get(REQUEST_ID_HEADER, "")
         request_id = incoming if _SAFE_ID.fullmatch(incoming) else secrets.token_hex(8)
         ctx.response_headers[REQUEST_ID_HEADER] = request_id
+        set_request_id(request_id)
         return time.perf_counter()
 
     async def on_end(

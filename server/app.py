@@ -10,7 +10,8 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
+from urllib.parse import urlsplit
 
 from connectrpc.codec import Codec, proto_binary_codec
 from connectrpc.interceptor import Interceptor
@@ -65,9 +66,10 @@ from server.ops.readiness import (
     healthz,
     workers_check,
 )
+from server.ops.reports import Report
 from server.rpc.admin import AdminService
 from server.rpc.auth import AuthService
-from server.rpc.codecs import DepthLimitedJSONCodec
+from server.rpc.codecs import DepthLimitedJSONCodec, GuardedEncoding
 from server.rpc.context import PUBLIC_PROCEDURES, REFLECTION_PROCEDURES
 from server.rpc.cookies import SessionCookies
 from server.rpc.forward_auth import ForwardAuth
@@ -88,11 +90,14 @@ from server.storage.postgres.store import PostgresStore
 from server.storage.serving_lock import postgres_serving_lock, sqlite_serving_lock
 from server.storage.sqlite import SQLiteStore, check_schema, migrate
 
+if TYPE_CHECKING:
+    # Imported at run time only with SENTRY_DSN set (see _error_tracker).
+    from server.ops.error_tracking import ErrorTracker
+
 # Requests to this API are tiny (the largest is a ~1.5 KB ID token); refusing
 # big bodies early keeps memory flat under abuse. Applied after decompression too.
 READ_MAX_BYTES = 64 * 1024
 DEV_SECRET_FILE = "dev-session-secret"  # noqa: S105 (a file name, not a secret)
-CODECS: tuple[Codec[Any, Any], ...] = (proto_binary_codec(), DepthLimitedJSONCodec())
 
 
 class _Limits(TypedDict):
@@ -265,8 +270,10 @@ def create_app(
         SchemaNotReady: The database has pending migrations.
     """
     clock = clock or SystemClock()
-    store = open_store(config)
     keys = session_keys(config)
+    tracker = _error_tracker(config, keys)
+    report = tracker.report if tracker is not None else None
+    store = open_store(config)
     policy = SessionPolicy(
         idle_ms=config.session_idle_timeout_seconds * 1000,
         max_age_ms=config.session_max_age_seconds * 1000,
@@ -318,9 +325,10 @@ def create_app(
     # The interceptor order, written once, first = outermost. All but Deadline
     # are metadata interceptors, so they run before the request body is read.
     otel = telemetry.interceptor()
+    boundary = ErrorBoundary(report=report)
     edge: Sequence[Interceptor] = (
         *([otel] if otel is not None else []),
-        ErrorBoundary(),
+        boundary,
         ClientAddress(config.trusted_proxies, ipv6_prefix=config.rate_limit_ipv6_prefix),
         RequestLogger(),
         MetricsRecorder(metrics),
@@ -370,7 +378,11 @@ def create_app(
         ],
     )
     files = [auth_pb.desc(), user_pb.desc(), health_pb.desc()]
-    limits = _Limits(read_max_bytes=READ_MAX_BYTES, codecs=CODECS)
+    codecs = [
+        GuardedEncoding(codec, on_error=boundary.encode_failed)
+        for codec in (proto_binary_codec(), DepthLimitedJSONCodec())
+    ]
+    limits = _Limits(read_max_bytes=READ_MAX_BYTES, codecs=codecs)
     public_apps = [
         AuthServiceASGIApplication(auth, interceptors=authenticated, **limits),
         UserServiceASGIApplication(user, interceptors=authenticated, **limits),
@@ -389,7 +401,7 @@ def create_app(
     if dev is not None:
         routes["/dev/certs"] = _constant(PlainResponse.json(200, dev.certs()))
 
-    jobs = _jobs(config, store, clock)
+    jobs = _jobs(config, store, clock, report)
     # The admin app shares the store, readiness and limits, which belong to the
     # public app's event loop: its requests run there (server/runtime/home_loop.py).
     home = HomeLoop()
@@ -397,7 +409,13 @@ def create_app(
         public_apps,
         get_routes=routes,
         on_startup=[home.capture, *(job.start for job in jobs)],
-        on_shutdown=[home.release, *(job.stop for job in jobs), _closer(store)],
+        # Last: what the steps before it reported is sent before the process ends.
+        on_shutdown=[
+            home.release,
+            *(job.stop for job in jobs),
+            _closer(store),
+            *([tracker.flush] if tracker is not None else []),
+        ],
     )
     admin_service = AdminService(
         admin=Admin(store, clock=clock, audit_log=audit_log, policy=policy),
@@ -418,10 +436,11 @@ def create_app(
         trusted_proxies=config.trusted_proxies,
         ipv6_prefix=config.rate_limit_ipv6_prefix,
         on_result=lambda result: metrics.forward_auth_checks.labels(result).inc(),
+        report=report,
     )
     # pyvoy's receive() needs the fix on the Connect listeners (see receive_fix.py);
     # forward auth never reads a body.
-    return App(
+    built = App(
         asgi=ReceiveAfterBodyFix(
             with_edge(public, allowed_origins=config.cors_allowed_origin, https=config.https)
         ),
@@ -432,16 +451,46 @@ def create_app(
         # Redis client belong to the public app's (server/runtime/home_loop.py).
         forward_auth=OnHomeLoop(forward_auth, home),
     )
+    if tracker is None:
+        return built
+    return App(
+        asgi=tracker.around(built.asgi, listener="public"),
+        admin=tracker.around(built.admin, listener="admin"),
+        forward_auth=tracker.around(built.forward_auth, listener="forward_auth"),
+    )
 
 
-def _jobs(config: Config, store: Store, clock: Clock) -> list[Periodic]:
+def _error_tracker(config: Config, keys: Sequence[str]) -> ErrorTracker | None:
+    """Sentry, when SENTRY_DSN is set; its SDK is not even imported otherwise."""
+    if config.sentry_dsn is None:
+        return None
+    from server.ops import error_tracking
+
+    never_sent = [*keys, _secret(config.admin_token) or ""]
+    never_sent += [_password(config.database_url), _password(config.rate_limit_storage_url)]
+    return error_tracking.start(config, secrets=[s for s in never_sent if s])
+
+
+def _password(url: str) -> str:
+    """The password in a URL, or ""."""
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""
+
+
+def _jobs(config: Config, store: Store, clock: Clock, report: Report | None) -> list[Periodic]:
     async def claim(name: str, interval_s: float) -> bool:
         # Once per period for every process on this database. A timer that fires a
         # little early still claims its period: 10 % of slack.
         return await store.claim_job(name, now_ms=clock.now_ms(), interval_ms=int(interval_s * 900))
 
     retention = build_retention(config, store, clock)
-    jobs = [retention_job(retention, interval_s=config.retention_interval_seconds, claim=claim)]
+    jobs = [
+        retention_job(
+            retention, interval_s=config.retention_interval_seconds, claim=claim, report=report
+        )
+    ]
     if config.backup_dir is not None:
         take: Callable[[Path], Path]
         if config.postgres:
@@ -460,6 +509,7 @@ def _jobs(config: Config, store: Store, clock: Clock) -> list[Periodic]:
                 before=store.checkpoint,
                 after=lambda: record_success(config.data_dir, now_s=clock.now_ms() / 1000),
                 claim=claim,
+                report=report,
             )
         )
     return jobs

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import limits
 from dotenv import dotenv_values
@@ -53,6 +54,7 @@ _MIN_PROXY_PREFIX = {4: 8, 6: 7}
 _ORIGIN = re.compile(
     r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?"
 )
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 _KEYGEN_HINT = 'python3 -c "import secrets; print(secrets.token_urlsafe(48))"'
 
 
@@ -147,11 +149,42 @@ class Config(BaseModel):
     # FORWARD_AUTH_PORT is set (0 picks a free port).
     forward_auth_host: str = "127.0.0.1"
     forward_auth_port: int | None = Field(default=None, ge=0, le=65535)
+    # Error tracking (server/ops/error_tracking.py): off without a DSN.
+    sentry_dsn: SecretStr | None = None
+    sentry_environment: str = ""
+    sentry_release: str = ""
+    sentry_sample_rate: float = Field(default=1.0, ge=0, le=1)
+    sentry_shutdown_timeout_seconds: float = Field(default=2.0, ge=0, le=60)
 
-    @field_validator("forward_auth_port", mode="before")
+    @field_validator("forward_auth_port", "sentry_dsn", mode="before")
     @classmethod
     def _unset_when_empty(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("sentry_dsn")
+    @classmethod
+    def _dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        # The DSN is not quoted back: its key lets anyone send events to the project.
+        parts = urlsplit(value.get_secret_value().strip())
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            port_ok = False
+        project = parts.path.rstrip("/").rpartition("/")[2]
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.username
+            or not parts.hostname
+            or not port_ok
+            or not project.isdigit()
+        ):
+            raise ValueError(
+                "expected https://PUBLIC_KEY@HOST/PROJECT_ID, the DSN of the project's "
+                f"Client Keys settings (got a value of scheme {parts.scheme[:10]!r})"
+            )
+        return SecretStr(value.get_secret_value().strip())
 
     @field_validator("google_client_id", "cors_allowed_origin", "trusted_proxies", mode="before")
     @classmethod
@@ -340,6 +373,12 @@ class Config(BaseModel):
                 f"ADMIN_TOKEN: looks guessable (at least {MIN_SECRET_ENTROPY_BITS} bits of "
                 f"entropy needed); generate one with: {_KEYGEN_HINT}"
             )
+        dsn = urlsplit(self.sentry_dsn.get_secret_value()) if self.sentry_dsn else None
+        if dsn is not None and dsn.scheme != "https" and dsn.hostname not in _LOOPBACK:
+            problems.append(
+                "SENTRY_DSN: must be an https:// DSN in production (events carry stack traces "
+                "and request ids), or a Relay on this host (127.0.0.1, ::1, localhost)"
+            )
         for network in self.trusted_proxies:
             if network.prefixlen < _MIN_PROXY_PREFIX[network.version]:
                 problems.append(
@@ -442,6 +481,7 @@ def _describe(exc: ValidationError) -> list[str]:
             problems.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
             continue
         value = error.get("input")
-        shown = "<secret>" if name in ("SESSION_SECRET_KEY", "ADMIN_TOKEN") else repr(value)
+        secret = name in ("SESSION_SECRET_KEY", "ADMIN_TOKEN", "SENTRY_DSN")
+        shown = "<secret>" if secret else repr(value)
         problems.append(f"{name}: {error['msg']}, got {shown}")
     return problems

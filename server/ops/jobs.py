@@ -10,6 +10,7 @@ from pathlib import Path
 
 from server.domain.errors import Unavailable
 from server.domain.retention import Retention
+from server.ops.reports import Report
 from server.storage.backup import BackupError, prune
 from server.storage.files import private_dir
 
@@ -20,7 +21,11 @@ Claim = Callable[[str, float], Awaitable[bool]]
 
 
 class Periodic:
-    """Runs `step` every `interval_s` on the event loop until stopped."""
+    """Runs `step` every `interval_s` on the event loop until stopped.
+
+    A run that fails is logged and reported (`report`, the error tracker), and the
+    next one happens on time.
+    """
 
     def __init__(
         self,
@@ -29,11 +34,13 @@ class Periodic:
         *,
         interval_s: float,
         claim: Claim | None = None,
+        report: Report | None = None,
     ) -> None:
         self._name = name
         self._step = step
         self._interval_s = interval_s
         self._claim = claim
+        self._report = report
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -52,8 +59,10 @@ class Periodic:
             try:
                 if await self._claimed():
                     await self._step()
-            except Exception:
+            except Exception as exc:
                 log.exception("background job failed", extra={"job": self._name})
+                if self._report is not None:
+                    self._report(exc, tags={"job": self._name})
             await asyncio.sleep(self._interval_s)
 
     async def _claimed(self) -> bool:
@@ -68,7 +77,11 @@ class Periodic:
 
 
 def retention_job(
-    retention: Retention, *, interval_s: float, claim: Claim | None = None
+    retention: Retention,
+    *,
+    interval_s: float,
+    claim: Claim | None = None,
+    report: Report | None = None,
 ) -> Periodic:
     """Apply the retention windows periodically."""
 
@@ -77,7 +90,7 @@ def retention_job(
         if any(counts.values()):
             log.info("retention applied", extra=counts)
 
-    return Periodic("retention", step, interval_s=interval_s, claim=claim)
+    return Periodic("retention", step, interval_s=interval_s, claim=claim, report=report)
 
 
 def backup_job(
@@ -90,6 +103,7 @@ def backup_job(
     before: Callable[[], Awaitable[None]],
     after: Callable[[], None] = lambda: None,
     claim: Claim | None = None,
+    report: Report | None = None,
 ) -> Periodic:
     """Take a verified backup into `directory` periodically (`take(directory)`, in a
     thread), keeping the newest `keep` files of `suffix`.
@@ -104,9 +118,11 @@ def backup_job(
             path = await asyncio.to_thread(take, directory)
         except BackupError as exc:
             log.error("scheduled backup failed", extra={"error": str(exc)})
+            if report is not None:
+                report(exc, tags={"job": "backup"})
             return
         await asyncio.to_thread(after)
         removed = await asyncio.to_thread(prune, directory, keep=keep, suffix=suffix)
         log.info("backup taken", extra={"path": path.name, "pruned": len(removed)})
 
-    return Periodic("backup", step, interval_s=interval_s, claim=claim)
+    return Periodic("backup", step, interval_s=interval_s, claim=claim, report=report)

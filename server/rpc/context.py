@@ -32,6 +32,7 @@ REQUEST_ID_HEADER = "x-request-id"
 _principal: ContextVar[Principal | None] = ContextVar("expense_auth_principal", default=None)
 _client_ip: ContextVar[str] = ContextVar("expense_auth_client_ip", default="")
 _client_network: ContextVar[str] = ContextVar("expense_auth_client_network", default="")
+_request_id: ContextVar[str] = ContextVar("expense_auth_request_id", default="")
 
 
 def current_principal() -> Principal:
@@ -89,6 +90,21 @@ def protocol_of(content_type: str) -> str:
     if content_type.startswith("application/grpc"):
         return "grpc"
     return "connect"
+
+
+def set_request_id(request_id: str) -> None:
+    """Record the current call's request id (the logging interceptor).
+
+    Not reset when the call's interceptors end: connectrpc encodes a Connect unary
+    response after that, and an encoding failure is logged with this id. Each
+    request runs in a task of its own, whose context ends with it.
+    """
+    _request_id.set(request_id)
+
+
+def current_request_id() -> str:
+    """The current call's request id ("" outside a call)."""
+    return _request_id.get()
 
 
 def request_id_of(ctx: RequestContext[Any, Any]) -> str:

@@ -68,6 +68,7 @@ from server.domain.throttle import (
 from server.edge.browser_rules import BrowserRules
 from server.edge.client_address import IPAddress, IPNetwork, peer_ip, resolve
 from server.edge.router import PlainResponse, send_plain
+from server.ops.reports import Report
 from server.rpc.cookies import SessionCookies
 from server.rpc.user_agent import summarize
 
@@ -146,8 +147,10 @@ class ForwardAuth:
         trusted_proxies: Sequence[IPNetwork],
         ipv6_prefix: int = 64,
         on_result: Callable[[str], None] | None = None,
+        report: Report | None = None,
     ) -> None:
         self._sessions = sessions
+        self._report = report
         self._cookies = cookies
         self._throttle = throttle
         self._audit = audit_log
@@ -175,6 +178,7 @@ class ForwardAuth:
         """The answer to one gateway check."""
         started = time.perf_counter()
         request = _Request(scope)
+        request_id = _request_id(request)
         client = self._client(request)
         try:
             principal = await self._authorize(request, client)
@@ -190,8 +194,10 @@ class ForwardAuth:
             result = "ok"
         except DomainError as exc:
             response, result = _refusal(exc)
-        except Exception:
-            log.exception("forward-auth check failed")
+        except Exception as exc:
+            log.exception("forward-auth check failed", extra={"request_id": request_id})
+            if self._report is not None:
+                self._report(exc, tags={"request_id": request_id, "listener": "forward_auth"})
             body = {"code": "internal", "message": INTERNAL_MESSAGE}
             response, result = PlainResponse.json(500, body, _NO_STORE), "internal"
         if self._on_result is not None:
@@ -206,7 +212,7 @@ class ForwardAuth:
                     "duration_ms": round((time.perf_counter() - started) * 1000, 3),
                     "client": client,
                     "peer": request.peer or "",
-                    "request_id": _request_id(request),
+                    "request_id": request_id,
                 },
             )
         return response

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import load_config
+from server.config import ConfigError, load_config
 from tests.support.server import REPO
 
 CLI = str(Path(sys.executable).parent / "expense-auth")
@@ -67,6 +67,10 @@ def serve(tmp_path: Path, **changes: str) -> subprocess.CompletedProcess[str]:
         ({"TRUSTED_PROXIES": "0.0.0.0/0"}, "TRUSTED_PROXIES: 0.0.0.0/0 trusts X-Forwarded-For"),
         ({"TRUSTED_PROXIES": "10.0.0.0/8,::/0"}, "TRUSTED_PROXIES: ::/0 trusts"),
         ({"TRUSTED_PROXIES": "0.0.0.0/1"}, "TRUSTED_PROXIES: 0.0.0.0/1 trusts"),
+        (
+            {"SENTRY_DSN": "http://0123456789abcdef@sentry.example.com/42"},
+            "SENTRY_DSN: must be an https:// DSN in production",
+        ),
     ],
 )
 def test_production_refuses_weakening_settings(
@@ -94,3 +98,30 @@ def test_development_keeps_local_conveniences(tmp_path: Path) -> None:
 def test_private_networks_are_fine_as_trusted_proxies(tmp_path: Path) -> None:
     config = load_config({**VALID, "TRUSTED_PROXIES": "10.0.0.0/8,fc00::/7,192.168.1.1/32"})
     assert [str(n) for n in config.trusted_proxies] == ["10.0.0.0/8", "fc00::/7", "192.168.1.1/32"]
+
+
+def test_sentry_over_plain_http_is_for_a_relay_on_this_host_only() -> None:
+    config = load_config({**VALID, "SENTRY_DSN": "http://0123456789abcdef@127.0.0.1:3000/42"})
+    assert config.sentry_dsn is not None
+    assert load_config({**VALID, "SENTRY_DSN": ""}).sentry_dsn is None  # empty is unset
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "not a url 0123456789abcdef",
+        "https://sentry.example.com/42",  # no public key
+        "https://0123456789abcdef@sentry.example.com/",  # no project
+        "ftp://0123456789abcdef@sentry.example.com/42",
+        "https://0123456789abcdef@sentry.example.com:99999/42",
+    ],
+)
+def test_a_malformed_sentry_dsn_is_named_but_not_quoted(dsn: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config({"SENTRY_DSN": dsn, "SENTRY_SAMPLE_RATE": "1.5"})
+    problems = refused.value.problems
+    assert any(
+        p.startswith("SENTRY_DSN: expected https://PUBLIC_KEY@HOST/PROJECT_ID") for p in problems
+    )
+    assert any(p.startswith("SENTRY_SAMPLE_RATE:") for p in problems)  # both, in one go
+    assert "0123456789abcdef" not in str(refused.value)
