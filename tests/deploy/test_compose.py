@@ -8,7 +8,8 @@ the stack never publishes), and is always taken down with its volumes and networ
 
 Debian 12's podman-compose (1.0.3) ignores `depends_on` conditions and profiles, and
 podman runs no health checks without systemd: the stack must converge anyway (see the
-header of compose.yaml), and the collector of the `otel` profile starts with the rest.
+header of compose.yaml; the last test makes PostgreSQL come up last on purpose), and the
+collector of the `otel` profile starts with the rest.
 """
 
 from __future__ import annotations
@@ -150,35 +151,46 @@ def tear_down(stack: Stack) -> None:
     podman("network", "rm", "--force", f"{stack.project}_default")
 
 
+def new_stack(images: dict[str, str], **env: str) -> Stack:
+    """A project of its own, its replicas on free ports; nothing started yet."""
+    ports = {replica: free_port() for replica in REPLICAS}
+    return Stack(
+        project=f"expense-auth-test-{secrets.token_hex(4)}",
+        env={
+            **podman_env(),
+            **images,
+            "SESSION_SECRET_KEY": secrets.token_urlsafe(48),
+            "POSTGRES_PASSWORD": secrets.token_urlsafe(24),
+            "EXPENSE_AUTH_1_PORT": str(ports["expense-auth-1"]),
+            "EXPENSE_AUTH_2_PORT": str(ports["expense-auth-2"]),
+            **env,
+        },
+        urls={replica: f"http://127.0.0.1:{port}" for replica, port in ports.items()},
+    )
+
+
+def wait_until_ready(stack: Stack) -> None:
+    try:
+        for replica, url in stack.urls.items():
+            wait_for(partial(ready, url), READY_TIMEOUT_S, f"{replica}'s /readyz")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{stack.everything_logged()}") from None
+
+
 @pytest.fixture(scope="module")
 def stack(images: dict[str, str]) -> Iterator[Stack]:
     """compose.yaml up, with the `otel` profile and telemetry on, until both replicas are ready."""
-    ports = {replica: free_port() for replica in REPLICAS}
-    env = {
-        **podman_env(),
-        **images,
-        "SESSION_SECRET_KEY": secrets.token_urlsafe(48),
-        "POSTGRES_PASSWORD": secrets.token_urlsafe(24),
-        "EXPENSE_AUTH_1_PORT": str(ports["expense-auth-1"]),
-        "EXPENSE_AUTH_2_PORT": str(ports["expense-auth-2"]),
-        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector:4318",
-        "COMPOSE_PROFILES": "otel",
-    }
-    stack = Stack(
-        project=f"expense-auth-test-{secrets.token_hex(4)}",
-        env=env,
-        urls={replica: f"http://127.0.0.1:{port}" for replica, port in ports.items()},
+    # COMPOSE_PROFILES rather than --profile, which podman-compose 1.0.3 does not know.
+    stack = new_stack(
+        images,
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://otel-collector:4318",
+        COMPOSE_PROFILES="otel",
     )
     try:
         started = time.monotonic()
-        # COMPOSE_PROFILES rather than --profile, which podman-compose 1.0.3 does not know.
         up = stack.compose("up", "-d", timeout=UP_TIMEOUT_S)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-        try:
-            for replica, url in stack.urls.items():
-                wait_for(partial(ready, url), READY_TIMEOUT_S, f"{replica}'s /readyz")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{stack.everything_logged()}") from None
+        wait_until_ready(stack)
         print(f"both replicas ready {time.monotonic() - started:.0f} s after `up`")
         yield stack
     finally:
@@ -255,3 +267,39 @@ def test_spans_of_both_replicas_reach_the_collector(stack: Stack) -> None:
         return {line["instance"] for line in lines if line["signal"] == "span"}
 
     wait_for(lambda: instances() >= set(REPLICAS), TELEMETRY_TIMEOUT_S, "spans from both replicas")
+
+
+def restarted(stack: Stack, service: str) -> bool:
+    count = checked(podman("inspect", "--format={{.RestartCount}}", stack.container(service)))
+    return int(count) >= 1
+
+
+def test_the_stack_converges_when_postgres_comes_up_last(images: dict[str, str]) -> None:
+    # What podman-compose 1.0.3 does when PostgreSQL is slow to start: it waits for no
+    # condition, so `migrate` and the replicas start before the database answers. They
+    # must say why they exit, be restarted (restart: on-failure), and end up serving.
+    stack = new_stack(images)
+    try:
+        created = stack.compose("up", "--no-start", timeout=UP_TIMEOUT_S)
+        assert created.returncode == 0, created.stdout[-3000:] + created.stderr[-3000:]
+        early = ("redis", "migrate", *REPLICAS)
+        checked(podman("start", *(stack.container(service) for service in early)))
+        for service in ("migrate", *REPLICAS):
+            wait_for(partial(restarted, stack, service), READY_TIMEOUT_S, f"{service} to restart")
+        checked(podman("start", stack.container("postgres")))
+        wait_until_ready(stack)
+        wait_for(
+            lambda: stack.state("migrate", "Status") == "exited",
+            READY_TIMEOUT_S,
+            "migrate to finish",
+        )
+        assert stack.state("migrate", "ExitCode") == "0", stack.logs("migrate")
+        unreachable = "expense-auth: cannot connect to the PostgreSQL database at postgres:5432"
+        assert unreachable in stack.logs("migrate")
+        assert "migrations applied" in stack.logs("migrate")
+        for replica in REPLICAS:
+            logged = stack.logs(replica)
+            assert unreachable in logged or "the database needs migrations" in logged, logged
+            assert "Traceback" not in logged.split("serving address=")[0], logged
+    finally:
+        tear_down(stack)
