@@ -14,7 +14,7 @@ EXAMPLE_STAMP := examples/web/node_modules/.installed
 # (.ci/check-gen, which the pre-commit hook runs too).
 GENERATED := gen clients/ts/src/gen
 
-.PHONY: serve test setup ops-tools container-tools gateway-tools image check lint typecheck proto-check pytest clean example
+.PHONY: serve test setup ops-tools container-tools gateway-tools image compose-images check lint typecheck proto-check pytest clean example
 
 serve: $(PY_STAMP)
 	$(BIN)/expense-auth serve
@@ -66,15 +66,23 @@ $(EXAMPLE_STAMP): examples/web/package.json examples/web/package-lock.json
 
 # The container image (deploy/container/, tests/deploy/) is built and run with Debian's
 # podman; its base comes from mmdebstrap; this host's cgroups need runc (see
-# deploy/container/containers.conf).
+# deploy/container/containers.conf). compose.yaml runs with Debian's podman-compose;
+# its services find each other by name through netavark's aardvark-dns.
 container-tools:
 	@command -v podman >/dev/null && command -v mmdebstrap >/dev/null && \
-		command -v runc >/dev/null && command -v curl >/dev/null || \
-		(apt-get update -qq && apt-get install -y -qq podman mmdebstrap runc curl)
+		command -v runc >/dev/null && command -v curl >/dev/null && \
+		command -v podman-compose >/dev/null && [ -x /usr/lib/podman/aardvark-dns ] || \
+		(apt-get update -qq && apt-get install -y -qq podman mmdebstrap runc curl \
+			podman-compose netavark aardvark-dns)
 
 # The image, localhost/expense-auth:latest (docs/operations.md, "Deploy with a container").
 image: container-tools
 	deploy/container/build.sh
+
+# Every image compose.yaml runs by default: the service's, and PostgreSQL, Redis and an
+# OTLP receiver built from Debian's packages (docs/operations.md, "Deploy with compose").
+compose-images: container-tools
+	deploy/compose/build.sh
 
 check: lint typecheck proto-check
 

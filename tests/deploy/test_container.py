@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import secrets
 import sqlite3
 import subprocess
@@ -38,9 +37,8 @@ from tests.support.burst import (
     session_cookie,
 )
 from tests.support.http import connect_post, request
+from tests.support.podman import CONTAINER_DIR, REPO, checked, podman, podman_env
 
-REPO = Path(__file__).resolve().parents[2]
-CONTAINER_DIR = REPO / "deploy" / "container"
 BUILD_TIMEOUT_S = 900  # a cold build (base rootfs and every wheel) took under 3 minutes
 DATA_DIR = "/var/lib/expense-auth"
 UID = 10001
@@ -56,31 +54,14 @@ EXIT_BY_SIGKILL = 128 + 9
 DEV_ENV = {"APP_ENV": "development", "DRAIN_SECONDS": "10", **GENEROUS_LIMITS}
 
 
-def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run podman with this machine's settings; never raises on a non-zero exit."""
-    env = dict(os.environ)
-    env.setdefault("CONTAINERS_CONF", str(CONTAINER_DIR / "containers.conf"))
-    return subprocess.run(
-        ["podman", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-def checked(result: subprocess.CompletedProcess[str]) -> str:
-    """stdout of a command that must succeed."""
-    assert result.returncode == 0, f"{result.args}: {result.stderr[-3000:]}"
-    return result.stdout
-
-
 @pytest.fixture(scope="module")
 def image() -> str:
     """The image id, built (or taken from podman's cache) by deploy/container/build.sh."""
     for tool in ("podman", "mmdebstrap", "runc", "curl"):
         require_tool(tool, tool)
-    env = dict(os.environ)
-    env.setdefault("CONTAINERS_CONF", str(CONTAINER_DIR / "containers.conf"))
     result = subprocess.run(
         [str(CONTAINER_DIR / "build.sh"), "--tag", "localhost/expense-auth:test"],
-        env=env,
+        env=podman_env(),
         capture_output=True,
         text=True,
         timeout=BUILD_TIMEOUT_S,
