@@ -29,8 +29,19 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 
 @functools.cache
 def known_migrations() -> tuple[str, ...]:
-    """Every migration this version has, in order."""
-    return tuple(sorted(path.stem for path in MIGRATIONS_DIR.glob("m*.sql")))
+    """Every migration this version has, in order.
+
+    Raises:
+        RuntimeError: The SQL files are not installed (a packaging fault: `migrate`
+            would otherwise apply nothing and `serve` run on an empty schema).
+    """
+    names = tuple(sorted(path.stem for path in MIGRATIONS_DIR.glob("m*.sql")))
+    if not names:
+        raise RuntimeError(
+            f"this installation of expense-auth has no PostgreSQL migrations (no m*.sql in "
+            f"{MIGRATIONS_DIR}); reinstall it from a complete package"
+        )
+    return names
 
 
 async def applied_migrations(conn: asyncpg.Connection) -> set[str]:
