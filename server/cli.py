@@ -19,7 +19,7 @@ from server.ops import logs
 from server.ops.backup_status import record_success
 from server.ops.readiness import SHUTDOWN_MARKER_ENV
 from server.storage.backup import BackupError, backup, restore
-from server.storage.failures import DatabaseUnreachable, SchemaTooNew
+from server.storage.failures import BrokenInstallation, DatabaseUnreachable, SchemaTooNew
 from server.storage.files import UMASK, open_to_others, private_dir, tighten_database
 from server.storage.postgres import backup as postgres_backup
 from server.storage.sqlite import check_integrity
@@ -335,6 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BackupError, DatabaseUnreachable) as exc:
         print(f"expense-auth: {exc}", file=sys.stderr)
         return 1
+    except BrokenInstallation as exc:
+        print(f"expense-auth: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -74,6 +74,10 @@ class SchemaTooNew(Exception):
     """The database was migrated by a newer version of the service (either engine)."""
 
 
+class BrokenInstallation(Exception):
+    """Files the service needs are missing from its installation (a packaging fault)."""
+
+
 class DatabaseUnreachable(Exception):
     """A command could not connect to the database; the message says where and why."""
 

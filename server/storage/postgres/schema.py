@@ -13,7 +13,7 @@ from pathlib import Path
 
 import asyncpg
 
-from server.storage.failures import SchemaTooNew
+from server.storage.failures import BrokenInstallation, SchemaTooNew
 from server.storage.postgres.failures import connect
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -32,12 +32,12 @@ def known_migrations() -> tuple[str, ...]:
     """Every migration this version has, in order.
 
     Raises:
-        RuntimeError: The SQL files are not installed (a packaging fault: `migrate`
+        BrokenInstallation: The SQL files are not installed (a packaging fault: `migrate`
             would otherwise apply nothing and `serve` run on an empty schema).
     """
     names = tuple(sorted(path.stem for path in MIGRATIONS_DIR.glob("m*.sql")))
     if not names:
-        raise RuntimeError(
+        raise BrokenInstallation(
             f"this installation of expense-auth has no PostgreSQL migrations (no m*.sql in "
             f"{MIGRATIONS_DIR}); reinstall it from a complete package"
         )
