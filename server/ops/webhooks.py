@@ -38,6 +38,7 @@ class DeliveryWorker:
         self._on_close = on_close
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._paused = False
 
     async def start(self) -> None:
         """Start the loop."""
@@ -67,8 +68,14 @@ class DeliveryWorker:
                 if await self._deliveries.due():
                     while not self._stopping.is_set() and await self._deliveries.run_once():
                         pass
+                if self._paused:
+                    self._paused = False
+                    log.info("webhook deliveries resumed")
             except Unavailable as exc:
-                log.warning("webhook deliveries paused", extra={"why": exc.message})
+                # Once per outage, not at every poll: the store logs its own incidents.
+                if not self._paused:
+                    self._paused = True
+                    log.warning("webhook deliveries paused", extra={"why": exc.message})
             except Exception:
                 log.exception("webhook deliveries failed")
             with contextlib.suppress(TimeoutError):

@@ -73,7 +73,7 @@ class HttpSender:
                     status = answer.status
         except TimeoutError:
             raise DeliveryFailed(f"no answer within {self._timeout_s:g} s") from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: a bad answer
             raise DeliveryFailed(f"{type(exc).__name__}: {exc}") from None
         if not 200 <= status < 300:
             raise DeliveryFailed(f"HTTP {status}")

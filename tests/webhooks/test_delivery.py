@@ -35,6 +35,7 @@ from tests.support.client import Session, code_of
 from tests.support.clock import FileClock
 from tests.support.google import FakeGoogle
 from tests.support.http import request
+from tests.support.redis import redis_server
 from tests.support.server import RunningServer, start_server
 from tests.support.webhooks import Delivery, Receiver, new_secret, post
 
@@ -430,3 +431,39 @@ def test_events_survive_a_sigkill_mid_delivery_and_arrive_once(
         assert server.stop() == 0, server.logs()
         receiver.stop()
     assert "Traceback" not in server.logs()
+
+
+def test_two_workers_on_one_file_deliver_each_event_once(
+    tmp_path: Path, google: FakeGoogle
+) -> None:
+    receiver = Receiver(new_secret(), delay_s=0.05).start()  # deliveries overlap
+    (tmp_path / "redis").mkdir()
+    with redis_server(tmp_path / "redis") as redis:
+        env = {**webhook_env(google, receiver), "WORKERS": "2", "RATE_LIMIT_STORAGE_URL": redis.url}
+        server = start_server(tmp_path, env)
+        try:
+            people = [person(server) for _ in range(8)]
+            for who in people:
+                who.sign_in(google)
+            for who in people:
+                rename(who.device, "Renamed")
+                admin_disable(server, who.user_id)
+            receiver.wait_for(lambda r: len(r.events()) == 3 * len(people))
+            for who in people:
+                assert receiver.events_of(who.user_id) == [
+                    "user.created",
+                    "user.updated",
+                    "user.disabled",
+                ]
+            # Once by the two processes: no duplicate reached the receiver.
+            assert receiver.verdicts() == ["accepted"] * 3 * len(people)
+        finally:
+            assert server.stop() == 0, server.logs()
+            receiver.stop()
+    assert "Traceback" not in server.logs()
+
+
+def admin_disable(server: RunningServer, user_id: str) -> None:
+    """DisableUser on the server's admin listener."""
+    with AdminServiceClientSync(server.admin_url) as client:
+        client.disable_user(DisableUserRequest(user_id=user_id), headers=AUTHORIZED)
