@@ -52,7 +52,8 @@ def no_events(before: User | None, after: User | None) -> Sequence[OutboxEvent]:
 
 def rfc3339(ms: int) -> str:
     """`2026-11-27T22:13:57.123Z`: the timestamps of the payload."""
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    seconds, millis = divmod(ms, 1000)  # integers: a float could round the milliseconds
+    return f"{datetime.fromtimestamp(seconds, tz=UTC):%Y-%m-%dT%H:%M:%S}.{millis:03d}Z"
 
 
 class LifecycleEvents:
