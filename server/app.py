@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -45,11 +46,14 @@ from server.domain.accounts import Accounts
 from server.domain.admin import Admin
 from server.domain.audit import Audit
 from server.domain.clock import Clock, SystemClock
+from server.domain.lifecycle import LifecycleEvents
 from server.domain.retention import Retention, RetentionPolicy
 from server.domain.sessions import SessionPolicy, Sessions
 from server.domain.signin import SignIns
 from server.domain.throttle import FAIL_OPEN, POLICIES, Throttle
+from server.domain.tokens import new_public_id
 from server.domain.users import Users
+from server.domain.webhooks import Deliveries, DeliveryPolicy
 from server.edge.middleware import with_edge
 from server.edge.router import PlainResponse, Route, Router
 from server.identity.certs import CertsSource, HttpCerts, StaticCerts
@@ -67,6 +71,7 @@ from server.ops.readiness import (
     workers_check,
 )
 from server.ops.reports import Report
+from server.ops.webhooks import DeliveryWorker
 from server.rpc.admin import AdminService
 from server.rpc.auth import AuthService
 from server.rpc.codecs import DepthLimitedJSONCodec, GuardedEncoding
@@ -89,6 +94,7 @@ from server.storage.postgres import schema as postgres_schema
 from server.storage.postgres.store import PostgresStore
 from server.storage.serving_lock import postgres_serving_lock, sqlite_serving_lock
 from server.storage.sqlite import SQLiteStore, check_schema, migrate
+from server.webhooks.sender import HttpSender
 
 if TYPE_CHECKING:
     # Imported at run time only with SENTRY_DSN set (see _error_tracker).
@@ -278,7 +284,8 @@ def create_app(
         idle_ms=config.session_idle_timeout_seconds * 1000,
         max_age_ms=config.session_max_age_seconds * 1000,
     )
-    sessions = Sessions(store, clock=clock, policy=policy)
+    lifecycle = LifecycleEvents(config.webhook_urls, clock=clock)
+    sessions = Sessions(store, clock=clock, policy=policy, events=lifecycle.changed)
     metrics = Metrics()
     signer = CookieSigner(keys, on_old_key=metrics.cookie_old_key.inc)
     cookies = SessionCookies(
@@ -321,6 +328,13 @@ def create_app(
         lambda: asyncio.to_thread(lambda: metrics.last_backup.set(last_success(config.data_dir)))
     )
     metrics.session_max_age.set(config.session_max_age_seconds)
+    sender = HttpSender(
+        [key.get_secret_value() for key in config.webhook_secret],
+        timeout_s=config.webhook_timeout_seconds,
+        clock=clock,
+    )
+    deliveries = build_deliveries(config, store, sender, clock=clock, metrics=metrics)
+    metrics.track_webhook_events(deliveries.counts)
 
     # The interceptor order, written once, first = outermost. All but Deadline
     # are metadata interceptors, so they run before the request body is read.
@@ -362,8 +376,10 @@ def create_app(
         audit_log=audit_log,
     )
     user = UserService(
-        users=Users(store, clock=clock),
-        accounts=Accounts(store, clock=clock, audit_log=audit_log, throttle=throttle),
+        users=Users(store, clock=clock, events=lifecycle.changed),
+        accounts=Accounts(
+            store, clock=clock, audit_log=audit_log, throttle=throttle, events=lifecycle.changed
+        ),
         verifier=verifier,
         cookies=cookies,
         page_tokens=PageTokens(keys, name="ListSecurityEvents"),
@@ -402,24 +418,37 @@ def create_app(
         routes["/dev/certs"] = _constant(PlainResponse.json(200, dev.certs()))
 
     jobs = _jobs(config, store, clock, report)
+    background: list[DeliveryWorker | Periodic] = [*jobs]
+    if lifecycle.enabled:
+        background.append(
+            DeliveryWorker(
+                deliveries,
+                grace_s=config.webhook_timeout_seconds + 1,
+                on_close=sender.aclose,
+            )
+        )
     # The admin app shares the store, readiness and limits, which belong to the
     # public app's event loop: its requests run there (server/runtime/home_loop.py).
     home = HomeLoop()
     public = Router(
         public_apps,
         get_routes=routes,
-        on_startup=[home.capture, *(job.start for job in jobs)],
+        on_startup=[home.capture, *(job.start for job in background)],
         # Last: what the steps before it reported is sent before the process ends.
         on_shutdown=[
             home.release,
-            *(job.stop for job in jobs),
+            *(job.stop for job in background),
             _closer(store),
             *([tracker.flush] if tracker is not None else []),
         ],
     )
     admin_service = AdminService(
-        admin=Admin(store, clock=clock, audit_log=audit_log, policy=policy),
+        admin=Admin(
+            store, clock=clock, audit_log=audit_log, policy=policy, events=lifecycle.changed
+        ),
         page_tokens=PageTokens(keys, name="ListUsers"),
+        deliveries=deliveries,
+        event_page_tokens=PageTokens(keys, name="ListWebhookEvents"),
     )
     admin = Router(
         [AdminServiceASGIApplication(admin_service, interceptors=admin_chain, **limits)],
@@ -477,6 +506,28 @@ def _password(url: str) -> str:
         return urlsplit(url).password or ""
     except ValueError:
         return ""
+
+
+def build_deliveries(
+    config: Config, store: Store, sender: HttpSender, *, clock: Clock, metrics: Metrics
+) -> Deliveries:
+    """The webhook deliveries of this process (the worker's rules, and the admin API's)."""
+    timeout_ms = math.ceil(config.webhook_timeout_seconds * 1000)
+    return Deliveries(
+        store,
+        sender,
+        clock=clock,
+        policy=DeliveryPolicy(
+            retry_for_ms=config.webhook_retry_for_seconds * 1000,
+            max_backoff_ms=config.webhook_max_backoff_seconds * 1000,
+            # Longer than an attempt can last, so that no other process takes the event
+            # while it is on the wire; the slack covers a slow write of the outcome.
+            lease_ms=timeout_ms + 5000,
+        ),
+        endpoints=config.webhook_urls,
+        owner=new_public_id("wkr"),
+        on_outcome=lambda outcome: metrics.webhook_deliveries.labels(outcome).inc(),
+    )
 
 
 def _jobs(config: Config, store: Store, clock: Clock, report: Report | None) -> list[Periodic]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from server.config import Config, ConfigError, load_config
 from server.domain.clock import SystemClock
 from server.domain.errors import Unavailable
+from server.domain.lifecycle import ChangeEvents, LifecycleEvents
 from server.identity.dev_issuer import DEV_AUDIENCE, DevIssuer
 from server.ops import logs
 from server.ops.backup_status import record_success
@@ -159,11 +160,18 @@ def _backup(config: Config, dest: Path) -> int:
     return 0
 
 
+def _deletion_events(config: Config) -> ChangeEvents:
+    """The `user.deleted` events of re-applied deletions, for WEBHOOK_URLS."""
+    return LifecycleEvents(config.webhook_urls, clock=SystemClock()).changed
+
+
 def _restore(config: Config, src: Path) -> int:
     if config.postgres:
-        restored = postgres_backup.restore(src, config.database_url)
+        restored = postgres_backup.restore(
+            src, config.database_url, events=_deletion_events(config)
+        )
     else:
-        restored = restore(src, config.sqlite_path)
+        restored = restore(src, config.sqlite_path, events=_deletion_events(config))
     if restored.moved_aside is not None:
         print(f"the current database was damaged; moved aside to {restored.moved_aside}")
     if restored.deletions_unknown:
@@ -189,7 +197,9 @@ def _deletions(config: Config, action: str, path: Path) -> int:
         count = postgres_backup.save_deletions(config.database_url, path)
         print(f"{path}: {count} account deletions saved")
     else:
-        count = postgres_backup.apply_deletions(config.database_url, path)
+        count = postgres_backup.apply_deletions(
+            config.database_url, path, events=_deletion_events(config)
+        )
         print(f"account deletions re-applied: {count}")
     return 0
 

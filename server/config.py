@@ -6,6 +6,8 @@ naming the variable, so that an operator fixes the environment in one go.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import math
 import os
@@ -56,6 +58,12 @@ _ORIGIN = re.compile(
 )
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 _KEYGEN_HINT = 'python3 -c "import secrets; print(secrets.token_urlsafe(48))"'
+_WEBHOOK_KEYGEN_HINT = (
+    "python3 -c \"import base64, secrets; print('whsec_' + "
+    'base64.b64encode(secrets.token_bytes(32)).decode())"'
+)
+# The Standard Webhooks specification's bounds on a signing secret.
+WEBHOOK_SECRET_BYTES = (24, 64)
 
 
 class ConfigError(Exception):
@@ -155,6 +163,13 @@ class Config(BaseModel):
     sentry_release: str = ""
     sentry_sample_rate: float = Field(default=1.0, ge=0, le=1)
     sentry_shutdown_timeout_seconds: float = Field(default=2.0, ge=0, le=60)
+    # Account lifecycle webhooks (server/domain/lifecycle.py, server/webhooks/): off
+    # without URLs.
+    webhook_urls: list[str] = Field(default_factory=list)
+    webhook_secret: list[SecretStr] = Field(default_factory=list)
+    webhook_retry_for_seconds: int = Field(default=3 * 24 * 3600, ge=1, le=30 * 24 * 3600)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    webhook_max_backoff_seconds: int = Field(default=3600, ge=1, le=24 * 3600)
 
     @field_validator("forward_auth_port", "sentry_dsn", mode="before")
     @classmethod
@@ -186,12 +201,14 @@ class Config(BaseModel):
             )
         return SecretStr(value.get_secret_value().strip())
 
-    @field_validator("google_client_id", "cors_allowed_origin", "trusted_proxies", mode="before")
+    @field_validator(
+        "google_client_id", "cors_allowed_origin", "trusted_proxies", "webhook_urls", mode="before"
+    )
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
 
-    @field_validator("session_secret_key", mode="before")
+    @field_validator("session_secret_key", "webhook_secret", mode="before")
     @classmethod
     def _csv_secrets(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -206,6 +223,39 @@ class Config(BaseModel):
                     f"(the literal origin 'null' is never allowed), got {origin!r}"
                 )
         return origins
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _webhook_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            scheme, _, rest = url.partition("://")
+            if scheme not in ("http", "https") or not rest or rest.startswith("/"):
+                raise ValueError(f"expected http:// or https:// URLs, comma-separated, got {url!r}")
+            if "@" in rest.split("/", 1)[0]:
+                raise ValueError(
+                    "a URL must not carry credentials (the signature authenticates the "
+                    f"sender), got one for {rest.split('@', 1)[1].split('/', 1)[0]!r}"
+                )
+        if len(set(urls)) != len(urls):
+            raise ValueError("a URL is listed twice")
+        return urls
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secrets(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        low, high = WEBHOOK_SECRET_BYTES
+        for i, key in enumerate(keys):
+            text = key.get_secret_value()
+            try:
+                raw = base64.b64decode(text.removeprefix("whsec_"), validate=True)
+            except (binascii.Error, ValueError):
+                raw = b""
+            if not text.startswith("whsec_") or not low <= len(raw) <= high:
+                raise ValueError(
+                    f"secret #{i + 1} must be whsec_ followed by {low} to {high} random bytes "
+                    f"in base64 (Standard Webhooks); generate one with: {_WEBHOOK_KEYGEN_HINT}"
+                )
+        return keys
 
     @field_validator(
         "rate_limit_signin_per_ip",
@@ -296,6 +346,11 @@ class Config(BaseModel):
                 f"FORWARD_AUTH_PORT: {self.forward_auth_port} is ADMIN_PORT too; the "
                 "forward-auth listener needs a port of its own"
             )
+        if self.webhook_urls and not self.webhook_secret:
+            problems.append(
+                "WEBHOOK_SECRET: required with WEBHOOK_URLS (receivers verify every delivery "
+                f"with it); generate one with: {_WEBHOOK_KEYGEN_HINT}"
+            )
         if self.session_max_age_seconds < self.session_idle_timeout_seconds:
             problems.append(
                 "SESSION_MAX_AGE_SECONDS: must be at least SESSION_IDLE_TIMEOUT_SECONDS "
@@ -379,6 +434,12 @@ class Config(BaseModel):
                 "SENTRY_DSN: must be an https:// DSN in production (events carry stack traces "
                 "and request ids), or a Relay on this host (127.0.0.1, ::1, localhost)"
             )
+        for url in self.webhook_urls:
+            if url.startswith("http://") and urlsplit(url).hostname not in _LOOPBACK:
+                problems.append(
+                    f"WEBHOOK_URLS: must be https:// in production (the events carry email "
+                    f"addresses), got {url[:80]!r}"
+                )
         for network in self.trusted_proxies:
             if network.prefixlen < _MIN_PROXY_PREFIX[network.version]:
                 problems.append(
@@ -481,7 +542,7 @@ def _describe(exc: ValidationError) -> list[str]:
             problems.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
             continue
         value = error.get("input")
-        secret = name in ("SESSION_SECRET_KEY", "ADMIN_TOKEN", "SENTRY_DSN")
+        secret = name in ("SESSION_SECRET_KEY", "ADMIN_TOKEN", "SENTRY_DSN", "WEBHOOK_SECRET")
         shown = "<secret>" if secret else repr(value)
         problems.append(f"{name}: {error['msg']}, got {shown}")
     return problems

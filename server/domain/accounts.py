@@ -6,6 +6,7 @@ from server.domain import audit, paging
 from server.domain.audit import Audit, Origin
 from server.domain.clock import Clock
 from server.domain.errors import NotFound, PermissionDenied
+from server.domain.lifecycle import ChangeEvents, no_events
 from server.domain.models import AuditEvent, Identity, Principal, UserExport
 from server.domain.ports import AccountStore
 from server.domain.throttle import EXPORT_PER_USER, Throttle
@@ -17,9 +18,16 @@ class Accounts:
     """Self-service operations on the caller's account."""
 
     def __init__(
-        self, store: AccountStore, *, clock: Clock, audit_log: Audit, throttle: Throttle
+        self,
+        store: AccountStore,
+        *,
+        clock: Clock,
+        audit_log: Audit,
+        throttle: Throttle,
+        events: ChangeEvents = no_events,
     ) -> None:
         self._store = store
+        self._events = events
         self._clock = clock
         self._audit = audit_log
         self._throttle = throttle
@@ -47,7 +55,7 @@ class Accounts:
             time_ms=now, kind=audit.ACCOUNT_DELETED, subject_hash=identity.subject_hash
         )
         deleted = await self._store.delete_user(
-            user, identity=identity, tombstone=tombstone, now_ms=now
+            user, identity=identity, tombstone=tombstone, now_ms=now, events=self._events
         )
         if not deleted:
             raise NotFound("the signed-in user no longer exists")

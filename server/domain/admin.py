@@ -6,6 +6,7 @@ from server.domain import audit, paging
 from server.domain.audit import Audit, Origin
 from server.domain.clock import Clock
 from server.domain.errors import NotFound
+from server.domain.lifecycle import ChangeEvents, no_events
 from server.domain.models import User
 from server.domain.ports import AdminStore
 from server.domain.sessions import SessionPolicy
@@ -15,9 +16,16 @@ class Admin:
     """What the admin API can do."""
 
     def __init__(
-        self, store: AdminStore, *, clock: Clock, audit_log: Audit, policy: SessionPolicy
+        self,
+        store: AdminStore,
+        *,
+        clock: Clock,
+        audit_log: Audit,
+        policy: SessionPolicy,
+        events: ChangeEvents = no_events,
     ) -> None:
         self._store = store
+        self._events = events
         self._clock = clock
         self._audit = audit_log
         self._policy = policy
@@ -46,7 +54,9 @@ class Admin:
 
     async def set_disabled(self, user_id: str, *, disabled: bool, origin: Origin) -> User:
         """Disable a user (every session ends at once) or enable them again."""
-        user = await self._store.set_disabled(user_id, disabled=disabled, **self._live_window())
+        user = await self._store.set_disabled(
+            user_id, disabled=disabled, events=self._events, **self._live_window()
+        )
         if user is None:
             raise NotFound(f"no user {user_id[:64]!r}")
         kind = audit.ACCOUNT_DISABLED if disabled else audit.ACCOUNT_ENABLED

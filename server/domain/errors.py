@@ -82,6 +82,12 @@ class NotFound(DomainError):
     default_reason = "not_found"
 
 
+class FailedPrecondition(DomainError):
+    """The thing exists but is not in a state that allows this (yet)."""
+
+    default_reason = "failed_precondition"
+
+
 class Unavailable(DomainError):
     """A dependency is down or busy; the client may retry later.
 

@@ -138,3 +138,46 @@ class UserExport:
     user: User
     sessions: list[Session]
     events: list[AuditEvent]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """A lifecycle event for one webhook endpoint, written with the change it reports.
+
+    Attributes:
+        id: The event's id (`evt_...`), sent as `webhook-id`: the same on every
+            attempt and every endpoint, so that receivers can drop duplicates.
+        type: `user.created`, `user.updated`, `user.disabled`, `user.enabled` or
+            `user.deleted`.
+        payload: The JSON body, exactly as it is signed and sent.
+        endpoint: The URL it goes to.
+    """
+
+    id: str
+    user_id: str
+    type: str
+    payload: str
+    endpoint: str
+    create_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDelivery:
+    """An outbox entry as the delivery worker and operators see it.
+
+    Attributes:
+        seq: The order of the outbox (a user's events go out in this order).
+        state: `pending` (waiting for its turn or a retry) or `parked` (its retry
+            window ran out; an operator may redeliver it).
+        since_ms: When its retry window started (its creation or its redelivery).
+        next_attempt_ms: When it may be tried next.
+        last_error: Why the last attempt failed (a status code or a network error).
+    """
+
+    seq: int
+    event: OutboxEvent
+    state: str
+    attempts: int
+    since_ms: int
+    next_attempt_ms: int
+    last_error: str = ""

@@ -9,18 +9,21 @@ means not revoked, not past `expire_ms`, and last seen after `idle_cutoff_ms`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from server.domain.lifecycle import ChangeEvents, no_events
 from server.domain.models import (
     AuditEvent,
     Identity,
+    OutboxEvent,
     Principal,
     Session,
     SessionCursor,
     SingleUse,
     User,
     UserExport,
+    WebhookDelivery,
 )
 
 
@@ -64,6 +67,7 @@ class SessionStore(Protocol):
         now_ms: int,
         event: AuditEvent | None = None,
         nonce: SingleUse | None = None,
+        events: ChangeEvents = no_events,
     ) -> tuple[User, Session]:
         """Create or update the user for `identity` and insert `session` for them, atomically.
 
@@ -71,7 +75,8 @@ class SessionStore(Protocol):
         is used only when the user is new. `event`, if given, is appended to the
         audit log in the same transaction, with the user's and session's ids. The
         identity's token and the `nonce`, if given, are spent in it too: each
-        only once.
+        only once. What `events(before, after)` returns for the user is written to
+        the outbox in it too (here and in every method that takes `events`).
         """
         ...
 
@@ -133,7 +138,12 @@ class ProfileStore(Protocol):
     """What the profile service (`Users`) needs."""
 
     async def update_user(
-        self, user_id: str, changes: Mapping[str, str], *, now_ms: int
+        self,
+        user_id: str,
+        changes: Mapping[str, str],
+        *,
+        now_ms: int,
+        events: ChangeEvents = no_events,
     ) -> User | None:
         """Set the given profile columns; None when the user does not exist."""
         ...
@@ -161,7 +171,13 @@ class AccountStore(Protocol):
         ...
 
     async def delete_user(
-        self, user: User, *, identity: Identity, tombstone: AuditEvent, now_ms: int
+        self,
+        user: User,
+        *,
+        identity: Identity,
+        tombstone: AuditEvent,
+        now_ms: int,
+        events: ChangeEvents = no_events,
     ) -> bool:
         """Delete the user with sessions and events, claiming the re-authentication token,
         and record the tombstone and the deletion, atomically."""
@@ -182,7 +198,13 @@ class AdminStore(Protocol):
         ...
 
     async def set_disabled(
-        self, user_id: str, *, disabled: bool, now_ms: int, idle_cutoff_ms: int
+        self,
+        user_id: str,
+        *,
+        disabled: bool,
+        now_ms: int,
+        idle_cutoff_ms: int,
+        events: ChangeEvents = no_events,
     ) -> User | None:
         """Disable (and revoke every live session) or enable the user."""
         ...
@@ -205,4 +227,66 @@ class RetentionStore(Protocol):
         ips_before_ms: int,
     ) -> dict[str, int]:
         """Apply the retention windows; returns counts per kind of row."""
+        ...
+
+
+class OutboxStore(Protocol):
+    """What the webhook delivery worker and its operators (`Deliveries`) need."""
+
+    async def outbox_due(self, *, now_ms: int, endpoints: Sequence[str]) -> bool:
+        """Whether a pending event for one of `endpoints` is due and not leased."""
+        ...
+
+    async def claim_outbox(
+        self,
+        *,
+        now_ms: int,
+        lease_until_ms: int,
+        owner: str,
+        endpoints: Sequence[str],
+        limit: int,
+    ) -> list[WebhookDelivery]:
+        """Lease up to `limit` due events to `owner`, in outbox order: only the oldest
+        pending event of each (user, endpoint), and none that another lease holds."""
+        ...
+
+    async def outbox_delivered(self, seq: int, *, owner: str) -> None:
+        """Remove a delivered event, if `owner` still holds its lease."""
+        ...
+
+    async def outbox_failed(
+        self, seq: int, *, owner: str, error: str, next_attempt_ms: int, park: bool
+    ) -> None:
+        """Count a failed attempt (if `owner` still holds the lease) and release the
+        event: to be tried at `next_attempt_ms`, or parked."""
+        ...
+
+    async def list_outbox(
+        self, *, states: Sequence[str], after_seq: int | None, limit: int
+    ) -> list[WebhookDelivery]:
+        """Events in these states, in outbox order, after `after_seq`."""
+        ...
+
+    async def redeliver_outbox(
+        self, event_id: str, *, now_ms: int
+    ) -> tuple[list[WebhookDelivery], bool]:
+        """Put the event's parked entries back in line from `now_ms`; returns them, and
+        whether it still has pending ones."""
+        ...
+
+    async def count_outbox(self) -> dict[str, int]:
+        """How many entries are in each state."""
+        ...
+
+
+class WebhookSender(Protocol):
+    """Sends one event to its endpoint, signed."""
+
+    async def send(self, event: OutboxEvent) -> None:
+        """Deliver `event`; returns once the endpoint acknowledged it with a 2xx.
+
+        Raises:
+            DeliveryFailed: Any other answer, no answer in time, or no connection
+                (server/domain/webhooks.py).
+        """
         ...

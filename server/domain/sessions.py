@@ -13,6 +13,7 @@ from typing import TypedDict
 from server.domain import paging
 from server.domain.clock import Clock
 from server.domain.errors import InvalidArgument, NotFound, Unauthenticated
+from server.domain.lifecycle import ChangeEvents, no_events
 from server.domain.models import (
     AuditEvent,
     Identity,
@@ -91,11 +92,13 @@ class Sessions:
         clock: Clock,
         policy: SessionPolicy,
         defaults: UserDefaults | None = None,
+        events: ChangeEvents = no_events,
     ) -> None:
         self._store = store
         self._clock = clock
         self._policy = policy
         self._defaults = defaults or DefaultPreferences()
+        self._events = events
 
     @property
     def policy(self) -> SessionPolicy:
@@ -113,7 +116,8 @@ class Sessions:
         """Create or update the user and start a brand-new session for them.
 
         `event` is recorded in the same transaction, with the user's and session's
-        ids; the token and `nonce` are spent in it (each is accepted once).
+        ids; the token and `nonce` are spent in it (each is accepted once). A new
+        user, or a change Google reports, is written to the webhook outbox in it too.
         """
         now = self._clock.now_ms()
         secret = new_secret()
@@ -135,6 +139,7 @@ class Sessions:
             now_ms=now,
             event=event,
             nonce=nonce,
+            events=self._events,
         )
         return NewSession(user=user, session=session, secret=secret)
 

@@ -97,6 +97,13 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self.webhook_deliveries = Counter(
+            "expense_auth_webhook_deliveries",
+            "Webhook delivery attempts by outcome: delivered (a 2xx), failed (to be retried) "
+            "or parked (failed past WEBHOOK_RETRY_FOR_SECONDS).",
+            ["outcome"],
+            registry=self.registry,
+        )
         # process_start_time_seconds: the key-rotation alert compares the uptime with
         # the session lifetime (a restart is when a new key list takes effect). With
         # workers, the scraped worker's own (they start together).
@@ -135,6 +142,14 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode=LATEST,
         )
+        self.webhook_events = Gauge(
+            "expense_auth_webhook_events",
+            "Webhook events in the outbox by state: pending (to be delivered) or parked "
+            "(an operator must redeliver them); NaN when the database cannot say.",
+            ["state"],
+            registry=self.registry,
+            multiprocess_mode=LATEST,
+        )
         self._before_scrape: list[Callable[[], Awaitable[None]]] = []
 
     def track_active_sessions(self, count: Callable[[], Awaitable[int]]) -> None:
@@ -145,6 +160,19 @@ class Metrics:
                 self.active_sessions.set(await count())
             except Unavailable:
                 self.active_sessions.set(math.nan)
+
+        self._before_scrape.append(refresh)
+
+    def track_webhook_events(self, counts: Callable[[], Awaitable[Mapping[str, int]]]) -> None:
+        """Refresh the outbox gauge from `counts` (events per state) at each scrape."""
+
+        async def refresh() -> None:
+            try:
+                for state, n in (await counts()).items():
+                    self.webhook_events.labels(state).set(n)
+            except Unavailable:
+                for state in ("pending", "parked"):
+                    self.webhook_events.labels(state).set(math.nan)
 
         self._before_scrape.append(refresh)
 

@@ -14,18 +14,31 @@ from gen.expense.admin.v1.admin_pb import (
     GetUserResponse,
     ListUsersRequest,
     ListUsersResponse,
+    ListWebhookEventsRequest,
+    ListWebhookEventsResponse,
     ManagedUser,
+    RedeliverWebhookEventRequest,
+    RedeliverWebhookEventResponse,
     RevokeUserSessionsRequest,
     RevokeUserSessionsResponse,
+    WebhookEvent,
+    WebhookEventState,
 )
 from server.domain.admin import Admin
 from server.domain.errors import InvalidArgument
-from server.domain.models import User
+from server.domain.models import User, WebhookDelivery
+from server.domain.webhooks import PARKED, PENDING, Deliveries
 from server.rpc import convert
 from server.rpc.context import origin_of
 from server.rpc.page_tokens import PageTokens
 
 ADMIN = "admin"
+_STATES = {
+    WebhookEventState.UNSPECIFIED: "",
+    WebhookEventState.PENDING: PENDING,
+    WebhookEventState.PARKED: PARKED,
+}
+_STATE_OF = {name: state for state, name in _STATES.items() if name}
 
 
 def managed(user: User) -> ManagedUser:
@@ -33,6 +46,23 @@ def managed(user: User) -> ManagedUser:
     return ManagedUser(
         user=convert.user(user),
         disable_time=None if user.disabled_ms is None else convert.timestamp(user.disabled_ms),
+    )
+
+
+def webhook_event(entry: WebhookDelivery) -> WebhookEvent:
+    """An outbox entry as operators see it (never its payload)."""
+    return WebhookEvent(
+        event_id=entry.event.id,
+        endpoint=entry.event.endpoint,
+        type=entry.event.type,
+        user_id=entry.event.user_id,
+        state=_STATE_OF[entry.state],
+        attempt_count=entry.attempts,
+        last_error=entry.last_error,
+        create_time=convert.timestamp(entry.event.create_ms),
+        next_attempt_time=(
+            convert.timestamp(entry.next_attempt_ms) if entry.state == PENDING else None
+        ),
     )
 
 
@@ -45,9 +75,18 @@ def _user_id(value: str) -> str:
 class AdminService(admin_connect.AdminService):
     """Implements the generated `AdminService` protocol."""
 
-    def __init__(self, *, admin: Admin, page_tokens: PageTokens) -> None:
+    def __init__(
+        self,
+        *,
+        admin: Admin,
+        page_tokens: PageTokens,
+        deliveries: Deliveries,
+        event_page_tokens: PageTokens,
+    ) -> None:
         self._admin = admin
         self._page_tokens = page_tokens
+        self._deliveries = deliveries
+        self._event_page_tokens = event_page_tokens
 
     async def list_users(
         self, request: ListUsersRequest, ctx: RequestContext[ListUsersRequest, ListUsersResponse]
@@ -100,3 +139,39 @@ class AdminService(admin_connect.AdminService):
         """End every session of a user."""
         count = await self._admin.revoke_sessions(_user_id(request.user_id), origin=origin_of(ctx))
         return RevokeUserSessionsResponse(revoked_count=count)
+
+    async def list_webhook_events(
+        self,
+        request: ListWebhookEventsRequest,
+        ctx: RequestContext[ListWebhookEventsRequest, ListWebhookEventsResponse],
+    ) -> ListWebhookEventsResponse:
+        """One page of undelivered events, in outbox order."""
+        state = _STATES.get(request.state)
+        if state is None:
+            got = getattr(request.state, "value", request.state)
+            raise InvalidArgument(
+                "state", f"state must be PENDING, PARKED or unspecified, got {got}"
+            )
+        # The filter is part of the cursor's owner: a token pages only the list it began.
+        owner = f"{ADMIN}:{state}"
+        cursor = self._event_page_tokens.decode(owner, request.page_token, shape=(int,))
+        entries, next_seq = await self._deliveries.list_events(
+            state=state,
+            page_size=request.page_size,
+            after_seq=None if cursor is None else cursor[0],
+        )
+        return ListWebhookEventsResponse(
+            events=[webhook_event(e) for e in entries],
+            next_page_token=self._event_page_tokens.encode(
+                owner, None if next_seq is None else [next_seq]
+            ),
+        )
+
+    async def redeliver_webhook_event(
+        self,
+        request: RedeliverWebhookEventRequest,
+        ctx: RequestContext[RedeliverWebhookEventRequest, RedeliverWebhookEventResponse],
+    ) -> RedeliverWebhookEventResponse:
+        """Put a parked event back in line."""
+        entries = await self._deliveries.redeliver(request.event_id)
+        return RedeliverWebhookEventResponse(events=[webhook_event(e) for e in entries])

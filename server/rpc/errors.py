@@ -7,6 +7,7 @@ from connectrpc.errors import ConnectError
 
 from server.domain.errors import (
     DomainError,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -20,6 +21,7 @@ _CODES: tuple[tuple[type[DomainError], Code], ...] = (
     (Unauthenticated, Code.UNAUTHENTICATED),
     (PermissionDenied, Code.PERMISSION_DENIED),
     (NotFound, Code.NOT_FOUND),
+    (FailedPrecondition, Code.FAILED_PRECONDITION),
     (Unavailable, Code.UNAVAILABLE),
     (RateLimited, Code.RESOURCE_EXHAUSTED),
 )

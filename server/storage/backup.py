@@ -4,7 +4,10 @@ A backup copies the live database with SQLite's backup API (a consistent
 snapshot, taken while the server keeps serving), then opens the copy and runs
 `PRAGMA integrity_check`. A restore first reads the deletion log of the current
 database, replaces the database with the backup, and applies that log again, so
-that an account deleted after the backup was taken does not come back.
+that an account deleted after the backup was taken does not come back. The
+outbox goes with it: the restored events of a user deleted again are dropped
+(sent now, they would bring the user's data back to the receivers) and a
+`user.deleted` takes their place (the receivers may never have had it).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.domain.lifecycle import ChangeEvents, no_events
 from server.domain.models import subject_hash
+from server.storage import rows
 from server.storage.files import private_file
-from server.storage.sqlite import BUSY_TIMEOUT_MS
+from server.storage.sqlite import BUSY_TIMEOUT_MS, outbox
 
 BACKUP_PREFIX = "expense-auth-"
 BACKUP_SUFFIX = ".db"
@@ -98,8 +103,9 @@ class Restored:
     deletions_unknown: bool = False
 
 
-def restore(src: Path, db_path: Path) -> Restored:
-    """Replace the database with the backup `src`, then re-apply later deletions.
+def restore(src: Path, db_path: Path, *, events: ChangeEvents = no_events) -> Restored:
+    """Replace the database with the backup `src`, then re-apply later deletions (and
+    write their lifecycle `events`).
 
     A current database that fails its integrity check (or is not a database at
     all) is moved aside with its -wal and -shm, and its deletion log is read if
@@ -126,7 +132,7 @@ def restore(src: Path, db_path: Path) -> Restored:
     try:
         source.backup(target)
         target.execute("PRAGMA journal_mode = WAL")
-        reapplied = _reapply(target, deletions)
+        reapplied = _reapply(target, deletions, events)
     finally:
         source.close()
         target.close()
@@ -155,22 +161,25 @@ def _move_aside(db_path: Path) -> Path:
     return aside
 
 
-def _reapply(conn: sqlite3.Connection, deletions: list[tuple[str, int]]) -> int:
+def _reapply(
+    conn: sqlite3.Connection, deletions: list[tuple[str, int]], events: ChangeEvents
+) -> int:
     if not deletions:
         return 0
     wanted = {h for h, _ in deletions}
     conn.execute("PRAGMA foreign_keys = ON")  # a user's sessions go with them
     conn.create_function("subject_hash", 2, subject_hash, deterministic=True)
     with conn:
-        doomed = [
-            (user_id, digest)
-            for user_id, digest in conn.execute(
-                "SELECT id, subject_hash(issuer, subject) FROM users"
-            )
-            if digest in wanted
-        ]
-        conn.executemany("DELETE FROM users WHERE id = ?", [(u,) for u, _ in doomed])
-        conn.executemany("DELETE FROM audit_events WHERE user_id = ?", [(u,) for u, _ in doomed])
+        # Only the storage layer's own column list is interpolated.
+        query = f"SELECT {rows.USER_COLUMNS}, subject_hash(issuer, subject) FROM users"  # noqa: S608
+        doomed = [rows.user(row[:-1]) for row in conn.execute(query) if row[-1] in wanted]
+        ids = [(user.id,) for user in doomed]
+        conn.executemany("DELETE FROM users WHERE id = ?", ids)
+        conn.executemany("DELETE FROM audit_events WHERE user_id = ?", ids)
+        # A backup older than the outbox (m006) has none: the server migrates after this.
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'webhook_outbox'").fetchone():
+            conn.executemany("DELETE FROM webhook_outbox WHERE user_id = ?", ids)
+            outbox.insert(conn, [event for user in doomed for event in events(user, None)])
         conn.executemany(
             "INSERT INTO deleted_accounts (subject_hash, deleted_ms) VALUES (?, ?) "
             "ON CONFLICT DO NOTHING",

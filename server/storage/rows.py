@@ -6,7 +6,7 @@ import ipaddress
 import sqlite3
 from typing import Any
 
-from server.domain.models import AuditEvent, Session, SingleUse, User
+from server.domain.models import AuditEvent, OutboxEvent, Session, SingleUse, User, WebhookDelivery
 
 USER_INSERT_COLUMNS = (
     "id, issuer, subject, email, email_verified, display_name, picture_uri, "
@@ -16,6 +16,10 @@ USER_COLUMNS = USER_INSERT_COLUMNS + ", disabled_ms"
 EVENT_COLUMNS = "id, time_ms, kind, user_id, reason, session_id, ip, user_agent, subject_hash"
 SESSION_COLUMNS = (
     "id, user_id, token_hash, create_ms, last_seen_ms, expire_ms, revoke_ms, user_agent"
+)
+OUTBOX_COLUMNS = (
+    "seq, event_id, endpoint, user_id, type, payload, create_ms, state, attempts, "
+    "since_ms, next_attempt_ms, last_error"
 )
 # A live session: parameters (now_ms, idle_cutoff_ms). One definition for every query.
 LIVE = "revoke_ms IS NULL AND expire_ms > ? AND last_seen_ms > ?"
@@ -66,6 +70,26 @@ def session(row: tuple[Any, ...]) -> Session:
         expire_ms=row[5],
         revoke_ms=row[6],
         user_agent=row[7],
+    )
+
+
+def delivery(row: tuple[Any, ...]) -> WebhookDelivery:
+    """A `webhook_outbox` row (OUTBOX_COLUMNS) as a WebhookDelivery."""
+    return WebhookDelivery(
+        seq=row[0],
+        event=OutboxEvent(
+            id=row[1],
+            endpoint=row[2],
+            user_id=row[3],
+            type=row[4],
+            payload=row[5],
+            create_ms=row[6],
+        ),
+        state=row[7],
+        attempts=row[8],
+        since_ms=row[9],
+        next_attempt_ms=row[10],
+        last_error=row[11],
     )
 
 

@@ -28,6 +28,7 @@ ALL_MIGRATIONS = [
     "m003_audit_and_deletions",
     "m004_principal_generation_and_probe",
     "m005_job_runs",
+    "m006_webhook_outbox",
 ]
 
 

@@ -7,7 +7,8 @@ transaction, and applies the deletion log again, so that an account deleted
 after the backup was taken stays deleted, as with SQLite. For point-in-time
 recovery use PostgreSQL's own base backups and WAL archiving
 (docs/operations.md), with `expense-auth deletions save FILE` before and
-`expense-auth deletions apply FILE` after: the same re-application.
+`expense-auth deletions apply FILE` after: the same re-application (with the
+outbox, as server/storage/backup.py says).
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from pathlib import Path
 
 import asyncpg
 
+from server.domain.lifecycle import ChangeEvents, no_events
+from server.storage import rows
 from server.storage.backup import BACKUP_PREFIX, BackupError, Restored
 from server.storage.failures import DatabaseUnreachable
 from server.storage.files import private_dir, private_file
+from server.storage.postgres import outbox
 from server.storage.postgres.failures import connect
 
 SUFFIX = ".pgdump"
@@ -74,7 +78,7 @@ def backup(url: str, dest: Path) -> Path:
     return dest
 
 
-def restore(src: Path, url: str) -> Restored:
+def restore(src: Path, url: str, *, events: ChangeEvents = no_events) -> Restored:
     """Replace the database's contents with the archive `src`, then re-apply deletions.
 
     Raises:
@@ -97,7 +101,8 @@ def restore(src: Path, url: str) -> Restored:
             str(src),
         ]
     )
-    return Restored(reapplied=asyncio.run(_reapply(url, deletions)), deletions_unknown=unknown)
+    reapplied = asyncio.run(_reapply(url, deletions, events))
+    return Restored(reapplied=reapplied, deletions_unknown=unknown)
 
 
 def save_deletions(url: str, dest: Path) -> int:
@@ -117,7 +122,7 @@ def save_deletions(url: str, dest: Path) -> int:
     return len(deletions)
 
 
-def apply_deletions(url: str, src: Path) -> int:
+def apply_deletions(url: str, src: Path, *, events: ChangeEvents = no_events) -> int:
     """Delete again every account the log in `src` records; returns how many were back.
 
     Raises:
@@ -129,7 +134,7 @@ def apply_deletions(url: str, src: Path) -> int:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BackupError(f"{src} is not a deletion log saved by expense-auth: {exc}") from None
     try:
-        return asyncio.run(_reapply(url, deletions))
+        return asyncio.run(_reapply(url, deletions, events))
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise BackupError(f"cannot apply the deletion log: {exc}") from None
 
@@ -145,19 +150,29 @@ async def _deletion_log(url: str) -> list[tuple[str, int]]:
         await conn.close()
 
 
-async def _reapply(url: str, deletions: list[tuple[str, int]]) -> int:
+async def _reapply(url: str, deletions: list[tuple[str, int]], events: ChangeEvents) -> int:
     if not deletions:
         return 0
     conn = await connect(url, timeout_s=10)
     try:
         async with conn.transaction():
-            doomed = await conn.fetch(
-                f"SELECT id FROM users WHERE {_SUBJECT_HASH} = ANY($1::text[])",
-                [digest for digest, _ in deletions],
-            )
-            ids = [row[0] for row in doomed]
+            doomed = [
+                rows.user(tuple(row))
+                for row in await conn.fetch(
+                    f"SELECT {rows.USER_COLUMNS} FROM users "
+                    f"WHERE {_SUBJECT_HASH} = ANY($1::text[]) FOR UPDATE",
+                    [digest for digest, _ in deletions],
+                )
+            ]
+            ids = [user.id for user in doomed]
             await conn.execute("DELETE FROM audit_events WHERE user_id = ANY($1::text[])", ids)
             await conn.execute("DELETE FROM users WHERE id = ANY($1::text[])", ids)
+            # An archive older than the outbox (m006) has none: serve migrates later.
+            if await conn.fetchval("SELECT to_regclass('webhook_outbox') IS NOT NULL"):
+                await conn.execute(
+                    "DELETE FROM webhook_outbox WHERE user_id = ANY($1::text[])", ids
+                )
+                await outbox.insert(conn, [e for user in doomed for e in events(user, None)])
             await conn.executemany(
                 "INSERT INTO deleted_accounts (subject_hash, deleted_ms) VALUES ($1, $2) "
                 "ON CONFLICT DO NOTHING",

@@ -17,6 +17,7 @@ from typing import Any
 from asyncpg import Connection as Conn
 
 from server.domain.errors import InvalidIdToken, PermissionDenied, Unauthenticated
+from server.domain.lifecycle import ChangeEvents, no_events
 from server.domain.models import (
     AuditEvent,
     Identity,
@@ -30,6 +31,7 @@ from server.domain.models import (
 from server.domain.ports import UserDefaults
 from server.domain.preferences import EDITABLE_FIELDS
 from server.storage import rows
+from server.storage.postgres import outbox
 
 _UPDATABLE = frozenset(EDITABLE_FIELDS)
 # A live session; $1 = now_ms, $2 = idle_cutoff_ms in every query that uses it.
@@ -88,43 +90,22 @@ async def sign_in(
     now_ms: int,
     event: AuditEvent | None,
     nonce: SingleUse | None,
+    events: ChangeEvents = no_events,
 ) -> tuple[User, Session]:
-    """See `SessionStore.sign_in`."""
+    """See `SessionStore.sign_in`.
+
+    The user is inserted, or else locked and then updated: so the lifecycle event
+    knows exactly what was there before, whatever runs beside it.
+    """
     await claim_token(conn, identity, now_ms)
     if nonce is not None and not await _spend(conn, nonce):
         raise InvalidIdToken(
             "this sign-in nonce was already used; start again with CreateSignInNonce",
             reason="nonce_replayed",
         )
-    row = await conn.fetchrow(
-        f"""
-        INSERT INTO users ({rows.USER_INSERT_COLUMNS})
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-        ON CONFLICT (issuer, subject) DO UPDATE SET
-            update_ms = CASE
-                WHEN users.email IS DISTINCT FROM excluded.email
-                  OR users.email_verified IS DISTINCT FROM excluded.email_verified
-                  OR users.picture_uri IS DISTINCT FROM excluded.picture_uri
-                THEN excluded.update_ms ELSE users.update_ms END,
-            email = excluded.email,
-            email_verified = excluded.email_verified,
-            picture_uri = excluded.picture_uri
-        RETURNING {rows.USER_COLUMNS}
-        """,
-        new_user_id,
-        identity.issuer,
-        identity.subject,
-        identity.email,
-        identity.email_verified,
-        identity.name,
-        identity.picture,
-        defaults.currency_code,
-        defaults.time_zone,
-        identity.locale or defaults.locale,
-        now_ms,
-        now_ms,
+    before, user = await _upsert_user(
+        conn, identity, new_user_id=new_user_id, defaults=defaults, now_ms=now_ms
     )
-    user = rows.user(tuple(row))
     if user.disabled_ms is not None:
         raise PermissionDenied("this account has been disabled; contact support to have it enabled")
     stored = replace(session, user_id=user.id, revoke_ms=None)
@@ -142,7 +123,62 @@ async def sign_in(
     if event is not None:
         recorded = replace(event, user_id=user.id, session_id=stored.id)
         await conn.execute(_INSERT_EVENT, *_event_values(recorded))
+    await outbox.insert(conn, events(before, user))
     return user, stored
+
+
+async def _upsert_user(
+    conn: Conn, identity: Identity, *, new_user_id: str, defaults: UserDefaults, now_ms: int
+) -> tuple[User | None, User]:
+    """Insert the user of `identity`, or lock and update it; returns (before, after)."""
+    while True:
+        # DO NOTHING waits for a concurrent insert of the same subject to commit.
+        row = await conn.fetchrow(
+            f"""
+            INSERT INTO users ({rows.USER_INSERT_COLUMNS})
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+            ON CONFLICT (issuer, subject) DO NOTHING
+            RETURNING {rows.USER_COLUMNS}
+            """,
+            new_user_id,
+            identity.issuer,
+            identity.subject,
+            identity.email,
+            identity.email_verified,
+            identity.name,
+            identity.picture,
+            defaults.currency_code,
+            defaults.time_zone,
+            identity.locale or defaults.locale,
+            now_ms,
+            now_ms,
+        )
+        if row is not None:
+            return None, rows.user(tuple(row))
+        old = await conn.fetchrow(
+            f"SELECT {rows.USER_COLUMNS} FROM users WHERE issuer = $1 AND subject = $2 FOR UPDATE",
+            identity.issuer,
+            identity.subject,
+        )
+        if old is None:
+            continue  # deleted in between: insert it anew
+        row = await conn.fetchrow(
+            f"""
+            UPDATE users SET
+                update_ms = CASE
+                    WHEN email IS DISTINCT FROM $2 OR email_verified IS DISTINCT FROM $3
+                      OR picture_uri IS DISTINCT FROM $4
+                    THEN $5 ELSE update_ms END,
+                email = $2, email_verified = $3, picture_uri = $4
+            WHERE id = $1 RETURNING {rows.USER_COLUMNS}
+            """,
+            old["id"],
+            identity.email,
+            identity.email_verified,
+            identity.picture,
+            now_ms,
+        )
+        return rows.user(tuple(old)), rows.user(tuple(row))
 
 
 async def find_user_by_subject(conn: Conn, issuer: str, subject: str) -> User | None:
@@ -266,14 +302,28 @@ async def get_user(conn: Conn, user_id: str) -> User | None:
     return rows.user(tuple(row)) if row else None
 
 
+async def _lock_user(conn: Conn, user_id: str) -> User | None:
+    """The user, locked until the transaction ends (their events are written in order)."""
+    row = await conn.fetchrow(
+        f"SELECT {rows.USER_COLUMNS} FROM users WHERE id = $1 FOR UPDATE", user_id
+    )
+    return rows.user(tuple(row)) if row else None
+
+
 async def update_user(
-    conn: Conn, user_id: str, changes: Mapping[str, str], *, now_ms: int
+    conn: Conn,
+    user_id: str,
+    changes: Mapping[str, str],
+    *,
+    now_ms: int,
+    events: ChangeEvents = no_events,
 ) -> User | None:
     """See `ProfileStore.update_user`."""
     columns = [name for name in changes if name in _UPDATABLE]
     if len(columns) != len(changes):
         raise ValueError(f"not updatable: {sorted(set(changes) - _UPDATABLE)}")
     assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(columns, start=3))
+    before = await _lock_user(conn, user_id)
     row = await conn.fetchrow(
         f"UPDATE users SET {assignments}, update_ms = $1 WHERE id = $2 "
         f"RETURNING {rows.USER_COLUMNS}",
@@ -281,7 +331,11 @@ async def update_user(
         user_id,
         *(changes[name] for name in columns),
     )
-    return rows.user(tuple(row)) if row else None
+    if row is None:
+        return None
+    after = rows.user(tuple(row))
+    await outbox.insert(conn, events(before, after))
+    return after
 
 
 async def record_event(conn: Conn, event: AuditEvent) -> None:
@@ -325,7 +379,13 @@ async def export_user(conn: Conn, user_id: str) -> UserExport | None:
 
 
 async def delete_user(
-    conn: Conn, user: User, *, identity: Identity, tombstone: AuditEvent, now_ms: int
+    conn: Conn,
+    user: User,
+    *,
+    identity: Identity,
+    tombstone: AuditEvent,
+    now_ms: int,
+    events: ChangeEvents = no_events,
 ) -> bool:
     """See `AccountStore.delete_user`."""
     await claim_token(conn, identity, now_ms)
@@ -350,6 +410,7 @@ async def delete_user(
         "",
         tombstone.subject_hash,
     )
+    await outbox.insert(conn, events(user, None))
     return True
 
 
@@ -371,9 +432,16 @@ async def list_users(
 
 
 async def set_disabled(
-    conn: Conn, user_id: str, *, disabled: bool, now_ms: int, idle_cutoff_ms: int
+    conn: Conn,
+    user_id: str,
+    *,
+    disabled: bool,
+    now_ms: int,
+    idle_cutoff_ms: int,
+    events: ChangeEvents = no_events,
 ) -> User | None:
     """See `AdminStore.set_disabled`."""
+    before = await _lock_user(conn, user_id)
     row = await conn.fetchrow(
         # Disabling twice keeps the first time.
         "UPDATE users SET disabled_ms = CASE WHEN $1 THEN coalesce(disabled_ms, $2) END, "
@@ -389,7 +457,11 @@ async def set_disabled(
             idle_cutoff_ms,
             user_id,
         )
-    return rows.user(tuple(row)) if row else None
+    if row is None:
+        return None
+    after = rows.user(tuple(row))
+    await outbox.insert(conn, events(before, after))
+    return after
 
 
 async def revoke_all_sessions(conn: Conn, user_id: str, *, now_ms: int, idle_cutoff_ms: int) -> int:

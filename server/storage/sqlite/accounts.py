@@ -6,9 +6,11 @@ import sqlite3
 from collections.abc import Mapping
 from typing import Any
 
+from server.domain.lifecycle import ChangeEvents, no_events
 from server.domain.models import AuditEvent, Identity, User, UserExport
 from server.domain.preferences import EDITABLE_FIELDS
 from server.storage import rows
+from server.storage.sqlite import outbox
 from server.storage.sqlite.sessions import claim_token
 
 _UPDATABLE = frozenset(EDITABLE_FIELDS)
@@ -21,18 +23,28 @@ def get_user(conn: sqlite3.Connection, user_id: str) -> User | None:
 
 
 def update_user(
-    conn: sqlite3.Connection, user_id: str, changes: Mapping[str, str], *, now_ms: int
+    conn: sqlite3.Connection,
+    user_id: str,
+    changes: Mapping[str, str],
+    *,
+    now_ms: int,
+    events: ChangeEvents = no_events,
 ) -> User | None:
-    """Set the given profile columns and `update_ms`."""
+    """Set the given profile columns and `update_ms`; write the change's `events`."""
     columns = [name for name in changes if name in _UPDATABLE]
     if len(columns) != len(changes):
         raise ValueError(f"not updatable: {sorted(set(changes) - _UPDATABLE)}")
     assignments = ", ".join(f"{name} = ?" for name in columns)
+    before = get_user(conn, user_id)
     row = conn.execute(
         f"UPDATE users SET {assignments}, update_ms = ? WHERE id = ? RETURNING {rows.USER_COLUMNS}",
         (*(changes[name] for name in columns), now_ms, user_id),
     ).fetchone()
-    return rows.user(row) if row else None
+    if row is None:
+        return None
+    after = rows.user(row)
+    outbox.insert(conn, events(before, after))
+    return after
 
 
 def record_event(conn: sqlite3.Connection, event: AuditEvent) -> None:
@@ -84,7 +96,13 @@ def export_user(conn: sqlite3.Connection, user_id: str) -> UserExport | None:
 
 
 def delete_user(
-    conn: sqlite3.Connection, user: User, *, identity: Identity, tombstone: AuditEvent, now_ms: int
+    conn: sqlite3.Connection,
+    user: User,
+    *,
+    identity: Identity,
+    tombstone: AuditEvent,
+    now_ms: int,
+    events: ChangeEvents = no_events,
 ) -> bool:
     """Delete the user, their sessions and events; keep a tombstone and a deletion record.
 
@@ -105,4 +123,5 @@ def delete_user(
         "user_agent, subject_hash) VALUES (?, ?, NULL, ?, '', '', '', ?)",
         (tombstone.time_ms, tombstone.kind, tombstone.reason, tombstone.subject_hash),
     )
+    outbox.insert(conn, events(user, None))
     return True

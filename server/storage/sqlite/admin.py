@@ -5,8 +5,11 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+from server.domain.lifecycle import ChangeEvents, no_events
 from server.domain.models import User
 from server.storage import rows
+from server.storage.sqlite import outbox
+from server.storage.sqlite.accounts import get_user
 
 
 def list_users(
@@ -24,9 +27,17 @@ def list_users(
 
 
 def set_disabled(
-    conn: sqlite3.Connection, user_id: str, *, disabled: bool, now_ms: int, idle_cutoff_ms: int
+    conn: sqlite3.Connection,
+    user_id: str,
+    *,
+    disabled: bool,
+    now_ms: int,
+    idle_cutoff_ms: int,
+    events: ChangeEvents = no_events,
 ) -> User | None:
-    """Disable (revoking every live session at once) or enable a user."""
+    """Disable (revoking every live session at once) or enable a user; write the
+    change's `events`."""
+    before = get_user(conn, user_id)
     row = conn.execute(
         # Disabling twice keeps the first time.
         f"UPDATE users SET disabled_ms = CASE WHEN ? THEN coalesce(disabled_ms, ?) END, "
@@ -39,7 +50,11 @@ def set_disabled(
             f"UPDATE sessions SET revoke_ms = ? WHERE user_id = ? AND {rows.LIVE}",
             (now_ms, user_id, now_ms, idle_cutoff_ms),
         )
-    return rows.user(row) if row else None
+    if row is None:
+        return None
+    after = rows.user(row)
+    outbox.insert(conn, events(before, after))
+    return after
 
 
 def revoke_all_sessions(

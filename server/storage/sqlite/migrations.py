@@ -149,3 +149,42 @@ def m005_job_runs(db: Database) -> None:
     """Periodic jobs (retention, scheduled backups) claim their period here, so that
     they run once per period for all the workers on the file, not once each."""
     db.execute("CREATE TABLE job_runs (name TEXT PRIMARY KEY, last_run_ms INTEGER NOT NULL) STRICT")
+
+
+@migrations()
+def m006_webhook_outbox(db: Database) -> None:
+    """The outbox of account lifecycle events (server/domain/lifecycle.py): one row per
+    event and endpoint, written in the transaction of the change it reports, removed
+    once delivered. `seq` orders it: a user's events go out in that order. A plain
+    rowid can be reused after the newest row is removed, which keeps the order:
+    every new row is still above every row that remains."""
+    db.execute(
+        """
+        CREATE TABLE webhook_outbox (
+            seq INTEGER PRIMARY KEY,
+            event_id TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            type TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            create_ms INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            since_ms INTEGER NOT NULL,
+            next_attempt_ms INTEGER NOT NULL,
+            lease_until_ms INTEGER NOT NULL,
+            lease_owner TEXT NOT NULL,
+            last_error TEXT NOT NULL,
+            UNIQUE (event_id, endpoint)
+        ) STRICT
+        """
+    )
+    db.execute(
+        "CREATE INDEX webhook_outbox_by_user ON webhook_outbox (user_id, endpoint, seq) "
+        "WHERE state = 'pending'"
+    )
+    db.execute(
+        "CREATE INDEX webhook_outbox_due ON webhook_outbox (next_attempt_ms) "
+        "WHERE state = 'pending'"
+    )
+    db.execute("CREATE INDEX webhook_outbox_by_state ON webhook_outbox (state, seq)")

@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from server.domain.errors import InvalidIdToken, PermissionDenied, Unauthenticated
+from server.domain.lifecycle import ChangeEvents, no_events
 from server.domain.models import (
     AuditEvent,
     Identity,
@@ -22,6 +23,7 @@ from server.domain.models import (
 )
 from server.domain.ports import UserDefaults
 from server.storage import rows
+from server.storage.sqlite import outbox
 
 
 def claim_token(conn: sqlite3.Connection, identity: Identity, now_ms: int) -> None:
@@ -50,9 +52,11 @@ def sign_in(
     now_ms: int,
     event: AuditEvent | None = None,
     nonce: SingleUse | None = None,
+    events: ChangeEvents = no_events,
 ) -> tuple[User, Session]:
-    """Upsert the user by (issuer, subject), insert the session and record `event`,
-    in one transaction (one commit, and no session without its audit record).
+    """Upsert the user by (issuer, subject), insert the session and record `event`
+    and the user's lifecycle `events`, in one transaction (one commit, and no session
+    without its audit record).
 
     Raises:
         InvalidIdToken: The identity's token, or the nonce, was used before (a replay).
@@ -63,6 +67,8 @@ def sign_in(
             "this sign-in nonce was already used; start again with CreateSignInNonce",
             reason="nonce_replayed",
         )
+    # Exact: BEGIN IMMEDIATE serializes every write to the file.
+    before = find_user_by_subject(conn, identity.issuer, identity.subject)
     row = conn.execute(
         f"""
         INSERT INTO users ({rows.USER_INSERT_COLUMNS})
@@ -121,6 +127,7 @@ def sign_in(
     )
     if event is not None:
         rows.insert_event(conn, replace(event, user_id=user.id, session_id=stored.id))
+    outbox.insert(conn, events(before, user))
     return user, stored
 
 

@@ -28,13 +28,14 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
 from server.domain.errors import Unavailable
+from server.domain.lifecycle import ChangeEvents, no_events
 from server.domain.models import (
     AuditEvent,
     Identity,
@@ -44,10 +45,11 @@ from server.domain.models import (
     SingleUse,
     User,
     UserExport,
+    WebhookDelivery,
 )
 from server.domain.ports import UserDefaults
 from server.storage.failures import BUSY, DAMAGED, Failure, Incidents
-from server.storage.sqlite import accounts, admin, retention, sessions
+from server.storage.sqlite import accounts, admin, outbox, retention, sessions
 from server.storage.sqlite.connection import (
     BUSY_TIMEOUT_MS,
     applied_migrations,
@@ -292,6 +294,7 @@ class SQLiteStore:
         now_ms: int,
         event: AuditEvent | None = None,
         nonce: SingleUse | None = None,
+        events: ChangeEvents = no_events,
     ) -> tuple[User, Session]:
         """See `SessionStore.sign_in`: one transaction, one commit."""
         return await self._write(
@@ -303,6 +306,7 @@ class SQLiteStore:
             now_ms=now_ms,
             event=event,
             nonce=nonce,
+            events=events,
         )
 
     async def find_user_by_subject(self, issuer: str, subject: str) -> User | None:
@@ -390,10 +394,17 @@ class SQLiteStore:
     # ProfileStore, AuditStore, AccountStore
 
     async def update_user(
-        self, user_id: str, changes: Mapping[str, str], *, now_ms: int
+        self,
+        user_id: str,
+        changes: Mapping[str, str],
+        *,
+        now_ms: int,
+        events: ChangeEvents = no_events,
     ) -> User | None:
         """See `ProfileStore.update_user`."""
-        return await self._write(accounts.update_user, user_id, changes, now_ms=now_ms)
+        return await self._write(
+            accounts.update_user, user_id, changes, now_ms=now_ms, events=events
+        )
 
     async def record_event(self, event: AuditEvent) -> None:
         """See `AuditStore.record_event`."""
@@ -410,11 +421,22 @@ class SQLiteStore:
         return await self._read(accounts.export_user, user_id)
 
     async def delete_user(
-        self, user: User, *, identity: Identity, tombstone: AuditEvent, now_ms: int
+        self,
+        user: User,
+        *,
+        identity: Identity,
+        tombstone: AuditEvent,
+        now_ms: int,
+        events: ChangeEvents = no_events,
     ) -> bool:
         """See `AccountStore.delete_user`."""
         return await self._write(
-            accounts.delete_user, user, identity=identity, tombstone=tombstone, now_ms=now_ms
+            accounts.delete_user,
+            user,
+            identity=identity,
+            tombstone=tombstone,
+            now_ms=now_ms,
+            events=events,
         )
 
     # AdminStore
@@ -432,7 +454,13 @@ class SQLiteStore:
         )
 
     async def set_disabled(
-        self, user_id: str, *, disabled: bool, now_ms: int, idle_cutoff_ms: int
+        self,
+        user_id: str,
+        *,
+        disabled: bool,
+        now_ms: int,
+        idle_cutoff_ms: int,
+        events: ChangeEvents = no_events,
     ) -> User | None:
         """See `AdminStore.set_disabled`."""
         return await self._write(
@@ -441,6 +469,7 @@ class SQLiteStore:
             disabled=disabled,
             now_ms=now_ms,
             idle_cutoff_ms=idle_cutoff_ms,
+            events=events,
         )
 
     async def revoke_all_sessions(self, user_id: str, *, now_ms: int, idle_cutoff_ms: int) -> int:
@@ -448,6 +477,61 @@ class SQLiteStore:
         return await self._write(
             admin.revoke_all_sessions, user_id, now_ms=now_ms, idle_cutoff_ms=idle_cutoff_ms
         )
+
+    # OutboxStore
+
+    async def outbox_due(self, *, now_ms: int, endpoints: Sequence[str]) -> bool:
+        """See `OutboxStore.outbox_due`."""
+        return await self._read(outbox.due, now_ms=now_ms, endpoints=endpoints)
+
+    async def claim_outbox(
+        self,
+        *,
+        now_ms: int,
+        lease_until_ms: int,
+        owner: str,
+        endpoints: Sequence[str],
+        limit: int,
+    ) -> list[WebhookDelivery]:
+        """See `OutboxStore.claim_outbox`."""
+        return await self._write(
+            outbox.claim,
+            now_ms=now_ms,
+            lease_until_ms=lease_until_ms,
+            owner=owner,
+            endpoints=endpoints,
+            limit=limit,
+        )
+
+    async def outbox_delivered(self, seq: int, *, owner: str) -> None:
+        """See `OutboxStore.outbox_delivered`."""
+        await self._write(outbox.delivered, seq, owner=owner)
+
+    async def outbox_failed(
+        self, seq: int, *, owner: str, error: str, next_attempt_ms: int, park: bool
+    ) -> None:
+        """See `OutboxStore.outbox_failed`."""
+        await self._write(
+            outbox.failed, seq, owner=owner, error=error, next_attempt_ms=next_attempt_ms, park=park
+        )
+
+    async def list_outbox(
+        self, *, states: Sequence[str], after_seq: int | None, limit: int
+    ) -> list[WebhookDelivery]:
+        """See `OutboxStore.list_outbox`."""
+        return await self._read(
+            outbox.list_entries, states=states, after_seq=after_seq, limit=limit
+        )
+
+    async def redeliver_outbox(
+        self, event_id: str, *, now_ms: int
+    ) -> tuple[list[WebhookDelivery], bool]:
+        """See `OutboxStore.redeliver_outbox`."""
+        return await self._write(outbox.redeliver, event_id, now_ms=now_ms)
+
+    async def count_outbox(self) -> dict[str, int]:
+        """See `OutboxStore.count_outbox`."""
+        return await self._read(outbox.count)
 
     # RetentionStore
 

@@ -19,7 +19,7 @@ from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DE
 from protobuf import DescService
 
 from . import admin_pb
-from .admin_pb import DisableUserRequest, DisableUserResponse, EnableUserRequest, EnableUserResponse, GetUserRequest, GetUserResponse, ListUsersRequest, ListUsersResponse, RevokeUserSessionsRequest, RevokeUserSessionsResponse
+from .admin_pb import DisableUserRequest, DisableUserResponse, EnableUserRequest, EnableUserResponse, GetUserRequest, GetUserResponse, ListUsersRequest, ListUsersResponse, ListWebhookEventsRequest, ListWebhookEventsResponse, RedeliverWebhookEventRequest, RedeliverWebhookEventResponse, RevokeUserSessionsRequest, RevokeUserSessionsResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -66,6 +66,23 @@ class AdminService(Protocol):
     async def revoke_user_sessions(self, request: RevokeUserSessionsRequest, ctx: RequestContext[RevokeUserSessionsRequest, RevokeUserSessionsResponse], /) -> RevokeUserSessionsResponse:
         """
         RevokeUserSessions ends every session of a user (they can sign in again).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_webhook_events(self, request: ListWebhookEventsRequest, ctx: RequestContext[ListWebhookEventsRequest, ListWebhookEventsResponse], /) -> ListWebhookEventsResponse:
+        """
+        ListWebhookEvents lists the account lifecycle events that are not delivered
+        yet, in the order they go out: pending ones (waiting for their turn or for
+        a retry) and parked ones (their retry window ran out). Delivered events
+        leave the list.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def redeliver_webhook_event(self, request: RedeliverWebhookEventRequest, ctx: RequestContext[RedeliverWebhookEventRequest, RedeliverWebhookEventResponse], /) -> RedeliverWebhookEventResponse:
+        """
+        RedeliverWebhookEvent puts a parked event back in line for delivery, with a
+        fresh retry window, to every endpoint where it is parked. It goes out after
+        any later events of the same user that were delivered meanwhile.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -141,6 +158,28 @@ class AdminServiceASGIApplication(ConnectASGIApplication[AdminService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.revoke_user_sessions,
+                ),
+                "/expense.admin.v1.AdminService/ListWebhookEvents": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListWebhookEvents",
+                        service_name="expense.admin.v1.AdminService",
+                        input=ListWebhookEventsRequest,
+                        output=ListWebhookEventsResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_webhook_events,
+                ),
+                "/expense.admin.v1.AdminService/RedeliverWebhookEvent": Endpoint.unary(
+                    method=MethodInfo(
+                        name="RedeliverWebhookEvent",
+                        service_name="expense.admin.v1.AdminService",
+                        input=RedeliverWebhookEventRequest,
+                        output=RedeliverWebhookEventResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.redeliver_webhook_event,
                 ),
             },
             interceptors=interceptors,
@@ -283,6 +322,59 @@ class AdminServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def list_webhook_events(
+        self,
+        request: ListWebhookEventsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> ListWebhookEventsResponse:
+        """
+        ListWebhookEvents lists the account lifecycle events that are not delivered
+        yet, in the order they go out: pending ones (waiting for their turn or for
+        a retry) and parked ones (their retry window ran out). Delivered events
+        leave the list.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListWebhookEvents",
+                service_name="expense.admin.v1.AdminService",
+                input=ListWebhookEventsRequest,
+                output=ListWebhookEventsResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+    async def redeliver_webhook_event(
+        self,
+        request: RedeliverWebhookEventRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RedeliverWebhookEventResponse:
+        """
+        RedeliverWebhookEvent puts a parked event back in line for delivery, with a
+        fresh retry window, to every endpoint where it is parked. It goes out after
+        any later events of the same user that were delivered meanwhile.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RedeliverWebhookEvent",
+                service_name="expense.admin.v1.AdminService",
+                input=RedeliverWebhookEventRequest,
+                output=RedeliverWebhookEventResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class AdminServiceSync(Protocol):
     """
@@ -320,6 +412,23 @@ class AdminServiceSync(Protocol):
     def revoke_user_sessions(self, request: RevokeUserSessionsRequest, ctx: RequestContext[RevokeUserSessionsRequest, RevokeUserSessionsResponse], /) -> RevokeUserSessionsResponse:
         """
         RevokeUserSessions ends every session of a user (they can sign in again).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_webhook_events(self, request: ListWebhookEventsRequest, ctx: RequestContext[ListWebhookEventsRequest, ListWebhookEventsResponse], /) -> ListWebhookEventsResponse:
+        """
+        ListWebhookEvents lists the account lifecycle events that are not delivered
+        yet, in the order they go out: pending ones (waiting for their turn or for
+        a retry) and parked ones (their retry window ran out). Delivered events
+        leave the list.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def redeliver_webhook_event(self, request: RedeliverWebhookEventRequest, ctx: RequestContext[RedeliverWebhookEventRequest, RedeliverWebhookEventResponse], /) -> RedeliverWebhookEventResponse:
+        """
+        RedeliverWebhookEvent puts a parked event back in line for delivery, with a
+        fresh retry window, to every endpoint where it is parked. It goes out after
+        any later events of the same user that were delivered meanwhile.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -393,6 +502,28 @@ class AdminServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.revoke_user_sessions,
+                ),
+                "/expense.admin.v1.AdminService/ListWebhookEvents": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListWebhookEvents",
+                        service_name="expense.admin.v1.AdminService",
+                        input=ListWebhookEventsRequest,
+                        output=ListWebhookEventsResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_webhook_events,
+                ),
+                "/expense.admin.v1.AdminService/RedeliverWebhookEvent": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="RedeliverWebhookEvent",
+                        service_name="expense.admin.v1.AdminService",
+                        input=RedeliverWebhookEventRequest,
+                        output=RedeliverWebhookEventResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.redeliver_webhook_event,
                 ),
             },
             interceptors=interceptors,
@@ -529,6 +660,59 @@ class AdminServiceClientSync(ConnectClientSync):
                 service_name="expense.admin.v1.AdminService",
                 input=RevokeUserSessionsRequest,
                 output=RevokeUserSessionsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_webhook_events(
+        self,
+        request: ListWebhookEventsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> ListWebhookEventsResponse:
+        """
+        ListWebhookEvents lists the account lifecycle events that are not delivered
+        yet, in the order they go out: pending ones (waiting for their turn or for
+        a retry) and parked ones (their retry window ran out). Delivered events
+        leave the list.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListWebhookEvents",
+                service_name="expense.admin.v1.AdminService",
+                input=ListWebhookEventsRequest,
+                output=ListWebhookEventsResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+    def redeliver_webhook_event(
+        self,
+        request: RedeliverWebhookEventRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RedeliverWebhookEventResponse:
+        """
+        RedeliverWebhookEvent puts a parked event back in line for delivery, with a
+        fresh retry window, to every endpoint where it is parked. It goes out after
+        any later events of the same user that were delivered meanwhile.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RedeliverWebhookEvent",
+                service_name="expense.admin.v1.AdminService",
+                input=RedeliverWebhookEventRequest,
+                output=RedeliverWebhookEventResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

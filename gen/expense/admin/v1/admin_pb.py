@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal, TYPE_CHECKING, TypeAlias
 
-from protobuf import Message
+from protobuf import Enum, Message
 from protobuf._codegen import file_desc
 from protobuf.wkt.google.protobuf import timestamp_pb
 
@@ -23,6 +23,103 @@ if TYPE_CHECKING:
 
     from ...user.v1.user_pb import User
 
+
+_WebhookEventFields: TypeAlias = Literal["event_id", "endpoint", "type", "user_id", "state", "attempt_count", "last_error", "create_time", "next_attempt_time"]
+
+class WebhookEvent(Message[_WebhookEventFields]):
+    """
+    WebhookEvent is one account lifecycle event on its way to one endpoint.
+
+    ```proto
+    message expense.admin.v1.WebhookEvent
+    ```
+
+    Attributes:
+        event_id:
+            The event's id, sent as `webhook-id` (the same on every attempt and endpoint).
+
+            ```proto
+            string event_id = 1;
+            ```
+        endpoint:
+            The endpoint's URL.
+
+            ```proto
+            string endpoint = 2;
+            ```
+        type:
+            The event's type, such as `user.created`.
+
+            ```proto
+            string type = 3;
+            ```
+        user_id:
+            The user the event is about.
+
+            ```proto
+            string user_id = 4;
+            ```
+        state:
+            Where the event stands.
+
+            ```proto
+            expense.admin.v1.WebhookEventState state = 5;
+            ```
+        attempt_count:
+            How many attempts failed since it was written or redelivered.
+
+            ```proto
+            int32 attempt_count = 6;
+            ```
+        last_error:
+            Why the last attempt failed (`HTTP 503`, `no answer within 10 s`...); empty
+            before the first failure.
+
+            ```proto
+            string last_error = 7;
+            ```
+        create_time:
+            When the event was written.
+
+            ```proto
+            optional google.protobuf.Timestamp create_time = 8;
+            ```
+        next_attempt_time:
+            When it will be tried next (while pending).
+
+            ```proto
+            optional google.protobuf.Timestamp next_attempt_time = 9;
+            ```
+    """
+
+    __slots__ = ("event_id", "endpoint", "type", "user_id", "state", "attempt_count", "last_error", "create_time", "next_attempt_time")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            event_id: str = "",
+            endpoint: str = "",
+            type: str = "",
+            user_id: str = "",
+            state: WebhookEventState | None = None,
+            attempt_count: int = 0,
+            last_error: str = "",
+            create_time: Timestamp | None = None,
+            next_attempt_time: Timestamp | None = None,
+        ) -> None:
+            pass
+
+        event_id: str
+        endpoint: str
+        type: str
+        user_id: str
+        state: WebhookEventState
+        attempt_count: int
+        last_error: str
+        create_time: Timestamp | None
+        next_attempt_time: Timestamp | None
 
 _ManagedUserFields: TypeAlias = Literal["user", "disable_time"]
 
@@ -408,14 +505,200 @@ class RevokeUserSessionsResponse(Message[_RevokeUserSessionsResponseFields]):
 
         revoked_count: int
 
+_ListWebhookEventsRequestFields: TypeAlias = Literal["page_size", "page_token", "state"]
+
+class ListWebhookEventsRequest(Message[_ListWebhookEventsRequestFields]):
+    """
+    ListWebhookEventsRequest asks for one page of undelivered events.
+
+    ```proto
+    message expense.admin.v1.ListWebhookEventsRequest
+    ```
+
+    Attributes:
+        page_size:
+            The largest number of events to return, from 0 to 100; 0 means 50.
+
+            ```proto
+            int32 page_size = 1;
+            ```
+        page_token:
+            The `next_page_token` of a previous response; empty for the first page.
+
+            ```proto
+            string page_token = 2;
+            ```
+        state:
+            Only events in this state; unspecified lists pending and parked ones.
+
+            ```proto
+            expense.admin.v1.WebhookEventState state = 3;
+            ```
+    """
+
+    __slots__ = ("page_size", "page_token", "state")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            page_size: int = 0,
+            page_token: str = "",
+            state: WebhookEventState | None = None,
+        ) -> None:
+            pass
+
+        page_size: int
+        page_token: str
+        state: WebhookEventState
+
+_ListWebhookEventsResponseFields: TypeAlias = Literal["events", "next_page_token"]
+
+class ListWebhookEventsResponse(Message[_ListWebhookEventsResponseFields]):
+    """
+    ListWebhookEventsResponse carries one page of events.
+
+    ```proto
+    message expense.admin.v1.ListWebhookEventsResponse
+    ```
+
+    Attributes:
+        events:
+            The events, in the order they go out.
+
+            ```proto
+            repeated expense.admin.v1.WebhookEvent events = 1;
+            ```
+        next_page_token:
+            The token for the next page, or empty when this is the last page.
+
+            ```proto
+            string next_page_token = 2;
+            ```
+    """
+
+    __slots__ = ("events", "next_page_token")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            events: list[WebhookEvent] | None = None,
+            next_page_token: str = "",
+        ) -> None:
+            pass
+
+        events: list[WebhookEvent]
+        next_page_token: str
+
+_RedeliverWebhookEventRequestFields: TypeAlias = Literal["event_id"]
+
+class RedeliverWebhookEventRequest(Message[_RedeliverWebhookEventRequestFields]):
+    """
+    RedeliverWebhookEventRequest names a parked event.
+
+    ```proto
+    message expense.admin.v1.RedeliverWebhookEventRequest
+    ```
+
+    Attributes:
+        event_id:
+            The event's id (`webhook-id`).
+
+            ```proto
+            string event_id = 1;
+            ```
+    """
+
+    __slots__ = ("event_id",)
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            event_id: str = "",
+        ) -> None:
+            pass
+
+        event_id: str
+
+_RedeliverWebhookEventResponseFields: TypeAlias = Literal["events"]
+
+class RedeliverWebhookEventResponse(Message[_RedeliverWebhookEventResponseFields]):
+    """
+    RedeliverWebhookEventResponse carries the event, pending again.
+
+    ```proto
+    message expense.admin.v1.RedeliverWebhookEventResponse
+    ```
+
+    Attributes:
+        events:
+            The event, once per endpoint where it was parked.
+
+            ```proto
+            repeated expense.admin.v1.WebhookEvent events = 1;
+            ```
+    """
+
+    __slots__ = ("events",)
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            events: list[WebhookEvent] | None = None,
+        ) -> None:
+            pass
+
+        events: list[WebhookEvent]
+
+class WebhookEventState(Enum):
+    """
+    WebhookEventState is where an event stands in the outbox.
+
+    ```proto
+    enum expense.admin.v1.WebhookEventState
+    ```
+
+    Attributes:
+        UNSPECIFIED:
+            Not set: in a request, every state.
+
+            ```proto
+            WEBHOOK_EVENT_STATE_UNSPECIFIED = 0
+            ```
+        PENDING:
+            Waiting for delivery: its turn (a user's events go out in order) or a retry.
+
+            ```proto
+            WEBHOOK_EVENT_STATE_PENDING = 1
+            ```
+        PARKED:
+            Its retry window ran out; it waits for an operator to redeliver it.
+
+            ```proto
+            WEBHOOK_EVENT_STATE_PARKED = 2
+            ```
+    """
+
+    UNSPECIFIED = 0
+    PENDING = 1
+    PARKED = 2
+
 
 _DESC = file_desc(
-    b'\n\x1cexpense/admin/v1/admin.proto\x12\x10expense.admin.v1\x1a\x1aexpense/user/v1/user.proto\x1a\x1fgoogle/protobuf/timestamp.proto"w\n\x0bManagedUser\x12)\n\x04user\x18\x01 \x01(\x0b2\x15.expense.user.v1.UserR\x04user\x12=\n\x0cdisable_time\x18\x02 \x01(\x0b2\x1a.google.protobuf.TimestampR\x0bdisableTime"u\n\x10ListUsersRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12%\n\x0eemail_contains\x18\x03 \x01(\tR\remailContains"p\n\x11ListUsersResponse\x123\n\x05users\x18\x01 \x03(\x0b2\x1d.expense.admin.v1.ManagedUserR\x05users\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken")\n\x0eGetUserRequest\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId"D\n\x0fGetUserResponse\x121\n\x04user\x18\x01 \x01(\x0b2\x1d.expense.admin.v1.ManagedUserR\x04user"-\n\x12DisableUserRequest\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId"H\n\x13DisableUserResponse\x121\n\x04user\x18\x01 \x01(\x0b2\x1d.expense.admin.v1.ManagedUserR\x04user",\n\x11EnableUserRequest\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId"G\n\x12EnableUserResponse\x121\n\x04user\x18\x01 \x01(\x0b2\x1d.expense.admin.v1.ManagedUserR\x04user"4\n\x19RevokeUserSessionsRequest\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId"A\n\x1aRevokeUserSessionsResponse\x12#\n\rrevoked_count\x18\x01 \x01(\x05R\x0crevokedCount2\xe4\x03\n\x0cAdminService\x12Y\n\tListUsers\x12".expense.admin.v1.ListUsersRequest\x1a#.expense.admin.v1.ListUsersResponse"\x03\x90\x02\x01\x12S\n\x07GetUser\x12 .expense.admin.v1.GetUserRequest\x1a!.expense.admin.v1.GetUserResponse"\x03\x90\x02\x01\x12Z\n\x0bDisableUser\x12$.expense.admin.v1.DisableUserRequest\x1a%.expense.admin.v1.DisableUserResponse\x12W\n\nEnableUser\x12#.expense.admin.v1.EnableUserRequest\x1a$.expense.admin.v1.EnableUserResponse\x12o\n\x12RevokeUserSessions\x12+.expense.admin.v1.RevokeUserSessionsRequest\x1a,.expense.admin.v1.RevokeUserSessionsResponseb\x06proto3',
+    b'\n\x1cexpense/admin/v1/admin.proto\x12\x10expense.admin.v1\x1a\x1aexpense/user/v1/user.proto\x1a\x1fgoogle/protobuf/timestamp.proto"\xf6\x02\n\x0cWebhookEvent\x12\x19\n\x08event_id\x18\x01 \x01(\tR\x07eventId\x12\x1a\n\x08endpoint\x18\x02 \x01(\tR\x08endpoint\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type\x12\x17\n\x07user_id\x18\x04 \x01(\tR\x06userId\x129\n\x05state\x18\x05 \x01(\x0e2#.expense.admin.v1.WebhookEventStateR\x05state\x12#\n\rattempt_count\x18\x06 \x01(\x05R\x0cattemptCount\x12\x1d\n\nlast_error\x18\x07 \x01(\tR\tlastError\x12;\n\x0bcreate_time\x18\x08 \x01(\x0b2\x1a.google.protobuf.TimestampR\ncreateTime\x12F\n\x11next_attempt_time\x18\t \x01(\x0b2\x1a.google.protobuf.TimestampR\x0fnextAttemptTime"w\n\x0bManagedUser\x12)\n\x04user\x18\x01 \x01(\x0b2\x15.expense.user.v1.UserR\x04user\x12=\n\x0cdisable_time\x18\x02 \x01(\x0b2\x1a.google.protobuf.TimestampR\x0bdisableTime"u\n\x10ListUsersRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12%\n\x0eemail_contains\x18\x03 \x01(\tR\remailContains"p\n\x11ListUsersResponse\x123\n\x05users\x18\x01 \x03(\x0b2\x1d.expense.admin.v1.ManagedUserR\x05users\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken")\n\x0eGetUserRequest\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId"D\n\x0fGetUserResponse\x121\n\x04user\x18\x01 \x01(\x0b2\x1d.expense.admin.v1.ManagedUserR\x04user"-\n\x12DisableUserRequest\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId"H\n\x13DisableUserResponse\x121\n\x04user\x18\x01 \x01(\x0b2\x1d.expense.admin.v1.ManagedUserR\x04user",\n\x11EnableUserRequest\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId"G\n\x12EnableUserResponse\x121\n\x04user\x18\x01 \x01(\x0b2\x1d.expense.admin.v1.ManagedUserR\x04user"4\n\x19RevokeUserSessionsRequest\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId"A\n\x1aRevokeUserSessionsResponse\x12#\n\rrevoked_count\x18\x01 \x01(\x05R\x0crevokedCount"\x91\x01\n\x18ListWebhookEventsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x129\n\x05state\x18\x03 \x01(\x0e2#.expense.admin.v1.WebhookEventStateR\x05state"{\n\x19ListWebhookEventsResponse\x126\n\x06events\x18\x01 \x03(\x0b2\x1e.expense.admin.v1.WebhookEventR\x06events\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken"9\n\x1cRedeliverWebhookEventRequest\x12\x19\n\x08event_id\x18\x01 \x01(\tR\x07eventId"W\n\x1dRedeliverWebhookEventResponse\x126\n\x06events\x18\x01 \x03(\x0b2\x1e.expense.admin.v1.WebhookEventR\x06events*y\n\x11WebhookEventState\x12#\n\x1fWEBHOOK_EVENT_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bWEBHOOK_EVENT_STATE_PENDING\x10\x01\x12\x1e\n\x1aWEBHOOK_EVENT_STATE_PARKED\x10\x022\xd1\x05\n\x0cAdminService\x12Y\n\tListUsers\x12".expense.admin.v1.ListUsersRequest\x1a#.expense.admin.v1.ListUsersResponse"\x03\x90\x02\x01\x12S\n\x07GetUser\x12 .expense.admin.v1.GetUserRequest\x1a!.expense.admin.v1.GetUserResponse"\x03\x90\x02\x01\x12Z\n\x0bDisableUser\x12$.expense.admin.v1.DisableUserRequest\x1a%.expense.admin.v1.DisableUserResponse\x12W\n\nEnableUser\x12#.expense.admin.v1.EnableUserRequest\x1a$.expense.admin.v1.EnableUserResponse\x12o\n\x12RevokeUserSessions\x12+.expense.admin.v1.RevokeUserSessionsRequest\x1a,.expense.admin.v1.RevokeUserSessionsResponse\x12q\n\x11ListWebhookEvents\x12*.expense.admin.v1.ListWebhookEventsRequest\x1a+.expense.admin.v1.ListWebhookEventsResponse"\x03\x90\x02\x01\x12x\n\x15RedeliverWebhookEvent\x12..expense.admin.v1.RedeliverWebhookEventRequest\x1a/.expense.admin.v1.RedeliverWebhookEventResponseb\x06proto3',
     [
         user_pb.desc(),
         timestamp_pb.desc(),
     ],
     {
+        "WebhookEvent": WebhookEvent,
         "ManagedUser": ManagedUser,
         "ListUsersRequest": ListUsersRequest,
         "ListUsersResponse": ListUsersResponse,
@@ -427,6 +710,11 @@ _DESC = file_desc(
         "EnableUserResponse": EnableUserResponse,
         "RevokeUserSessionsRequest": RevokeUserSessionsRequest,
         "RevokeUserSessionsResponse": RevokeUserSessionsResponse,
+        "ListWebhookEventsRequest": ListWebhookEventsRequest,
+        "ListWebhookEventsResponse": ListWebhookEventsResponse,
+        "RedeliverWebhookEventRequest": RedeliverWebhookEventRequest,
+        "RedeliverWebhookEventResponse": RedeliverWebhookEventResponse,
+        "WebhookEventState": WebhookEventState,
     },
 )
 

@@ -2,8 +2,8 @@
 // @generated from file expense/admin/v1/admin.proto (package expense.admin.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { User } from "../../user/v1/user_pb.js";
 import { file_expense_user_v1_user } from "../../user/v1/user_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
@@ -14,7 +14,85 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file expense/admin/v1/admin.proto.
  */
 export const file_expense_admin_v1_admin: GenFile = /*@__PURE__*/
-  fileDesc("ChxleHBlbnNlL2FkbWluL3YxL2FkbWluLnByb3RvEhBleHBlbnNlLmFkbWluLnYxImQKC01hbmFnZWRVc2VyEiMKBHVzZXIYASABKAsyFS5leHBlbnNlLnVzZXIudjEuVXNlchIwCgxkaXNhYmxlX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlEKEExpc3RVc2Vyc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSFgoOZW1haWxfY29udGFpbnMYAyABKAkiWgoRTGlzdFVzZXJzUmVzcG9uc2USLAoFdXNlcnMYASADKAsyHS5leHBlbnNlLmFkbWluLnYxLk1hbmFnZWRVc2VyEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIhCg5HZXRVc2VyUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJIj4KD0dldFVzZXJSZXNwb25zZRIrCgR1c2VyGAEgASgLMh0uZXhwZW5zZS5hZG1pbi52MS5NYW5hZ2VkVXNlciIlChJEaXNhYmxlVXNlclJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSJCChNEaXNhYmxlVXNlclJlc3BvbnNlEisKBHVzZXIYASABKAsyHS5leHBlbnNlLmFkbWluLnYxLk1hbmFnZWRVc2VyIiQKEUVuYWJsZVVzZXJSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiQQoSRW5hYmxlVXNlclJlc3BvbnNlEisKBHVzZXIYASABKAsyHS5leHBlbnNlLmFkbWluLnYxLk1hbmFnZWRVc2VyIiwKGVJldm9rZVVzZXJTZXNzaW9uc1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSIzChpSZXZva2VVc2VyU2Vzc2lvbnNSZXNwb25zZRIVCg1yZXZva2VkX2NvdW50GAEgASgFMuQDCgxBZG1pblNlcnZpY2USWQoJTGlzdFVzZXJzEiIuZXhwZW5zZS5hZG1pbi52MS5MaXN0VXNlcnNSZXF1ZXN0GiMuZXhwZW5zZS5hZG1pbi52MS5MaXN0VXNlcnNSZXNwb25zZSIDkAIBElMKB0dldFVzZXISIC5leHBlbnNlLmFkbWluLnYxLkdldFVzZXJSZXF1ZXN0GiEuZXhwZW5zZS5hZG1pbi52MS5HZXRVc2VyUmVzcG9uc2UiA5ACARJaCgtEaXNhYmxlVXNlchIkLmV4cGVuc2UuYWRtaW4udjEuRGlzYWJsZVVzZXJSZXF1ZXN0GiUuZXhwZW5zZS5hZG1pbi52MS5EaXNhYmxlVXNlclJlc3BvbnNlElcKCkVuYWJsZVVzZXISIy5leHBlbnNlLmFkbWluLnYxLkVuYWJsZVVzZXJSZXF1ZXN0GiQuZXhwZW5zZS5hZG1pbi52MS5FbmFibGVVc2VyUmVzcG9uc2USbwoSUmV2b2tlVXNlclNlc3Npb25zEisuZXhwZW5zZS5hZG1pbi52MS5SZXZva2VVc2VyU2Vzc2lvbnNSZXF1ZXN0GiwuZXhwZW5zZS5hZG1pbi52MS5SZXZva2VVc2VyU2Vzc2lvbnNSZXNwb25zZWIGcHJvdG8z", [file_expense_user_v1_user, file_google_protobuf_timestamp]);
+  fileDesc("ChxleHBlbnNlL2FkbWluL3YxL2FkbWluLnByb3RvEhBleHBlbnNlLmFkbWluLnYxIpgCCgxXZWJob29rRXZlbnQSEAoIZXZlbnRfaWQYASABKAkSEAoIZW5kcG9pbnQYAiABKAkSDAoEdHlwZRgDIAEoCRIPCgd1c2VyX2lkGAQgASgJEjIKBXN0YXRlGAUgASgOMiMuZXhwZW5zZS5hZG1pbi52MS5XZWJob29rRXZlbnRTdGF0ZRIVCg1hdHRlbXB0X2NvdW50GAYgASgFEhIKCmxhc3RfZXJyb3IYByABKAkSLwoLY3JlYXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjUKEW5leHRfYXR0ZW1wdF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJkCgtNYW5hZ2VkVXNlchIjCgR1c2VyGAEgASgLMhUuZXhwZW5zZS51c2VyLnYxLlVzZXISMAoMZGlzYWJsZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJRChBMaXN0VXNlcnNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEhYKDmVtYWlsX2NvbnRhaW5zGAMgASgJIloKEUxpc3RVc2Vyc1Jlc3BvbnNlEiwKBXVzZXJzGAEgAygLMh0uZXhwZW5zZS5hZG1pbi52MS5NYW5hZ2VkVXNlchIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiIQoOR2V0VXNlclJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSI+Cg9HZXRVc2VyUmVzcG9uc2USKwoEdXNlchgBIAEoCzIdLmV4cGVuc2UuYWRtaW4udjEuTWFuYWdlZFVzZXIiJQoSRGlzYWJsZVVzZXJSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiQgoTRGlzYWJsZVVzZXJSZXNwb25zZRIrCgR1c2VyGAEgASgLMh0uZXhwZW5zZS5hZG1pbi52MS5NYW5hZ2VkVXNlciIkChFFbmFibGVVc2VyUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJIkEKEkVuYWJsZVVzZXJSZXNwb25zZRIrCgR1c2VyGAEgASgLMh0uZXhwZW5zZS5hZG1pbi52MS5NYW5hZ2VkVXNlciIsChlSZXZva2VVc2VyU2Vzc2lvbnNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiMwoaUmV2b2tlVXNlclNlc3Npb25zUmVzcG9uc2USFQoNcmV2b2tlZF9jb3VudBgBIAEoBSJ1ChhMaXN0V2ViaG9va0V2ZW50c1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSMgoFc3RhdGUYAyABKA4yIy5leHBlbnNlLmFkbWluLnYxLldlYmhvb2tFdmVudFN0YXRlImQKGUxpc3RXZWJob29rRXZlbnRzUmVzcG9uc2USLgoGZXZlbnRzGAEgAygLMh4uZXhwZW5zZS5hZG1pbi52MS5XZWJob29rRXZlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjAKHFJlZGVsaXZlcldlYmhvb2tFdmVudFJlcXVlc3QSEAoIZXZlbnRfaWQYASABKAkiTwodUmVkZWxpdmVyV2ViaG9va0V2ZW50UmVzcG9uc2USLgoGZXZlbnRzGAEgAygLMh4uZXhwZW5zZS5hZG1pbi52MS5XZWJob29rRXZlbnQqeQoRV2ViaG9va0V2ZW50U3RhdGUSIwofV0VCSE9PS19FVkVOVF9TVEFURV9VTlNQRUNJRklFRBAAEh8KG1dFQkhPT0tfRVZFTlRfU1RBVEVfUEVORElORxABEh4KGldFQkhPT0tfRVZFTlRfU1RBVEVfUEFSS0VEEAIy0QUKDEFkbWluU2VydmljZRJZCglMaXN0VXNlcnMSIi5leHBlbnNlLmFkbWluLnYxLkxpc3RVc2Vyc1JlcXVlc3QaIy5leHBlbnNlLmFkbWluLnYxLkxpc3RVc2Vyc1Jlc3BvbnNlIgOQAgESUwoHR2V0VXNlchIgLmV4cGVuc2UuYWRtaW4udjEuR2V0VXNlclJlcXVlc3QaIS5leHBlbnNlLmFkbWluLnYxLkdldFVzZXJSZXNwb25zZSIDkAIBEloKC0Rpc2FibGVVc2VyEiQuZXhwZW5zZS5hZG1pbi52MS5EaXNhYmxlVXNlclJlcXVlc3QaJS5leHBlbnNlLmFkbWluLnYxLkRpc2FibGVVc2VyUmVzcG9uc2USVwoKRW5hYmxlVXNlchIjLmV4cGVuc2UuYWRtaW4udjEuRW5hYmxlVXNlclJlcXVlc3QaJC5leHBlbnNlLmFkbWluLnYxLkVuYWJsZVVzZXJSZXNwb25zZRJvChJSZXZva2VVc2VyU2Vzc2lvbnMSKy5leHBlbnNlLmFkbWluLnYxLlJldm9rZVVzZXJTZXNzaW9uc1JlcXVlc3QaLC5leHBlbnNlLmFkbWluLnYxLlJldm9rZVVzZXJTZXNzaW9uc1Jlc3BvbnNlEnEKEUxpc3RXZWJob29rRXZlbnRzEiouZXhwZW5zZS5hZG1pbi52MS5MaXN0V2ViaG9va0V2ZW50c1JlcXVlc3QaKy5leHBlbnNlLmFkbWluLnYxLkxpc3RXZWJob29rRXZlbnRzUmVzcG9uc2UiA5ACARJ4ChVSZWRlbGl2ZXJXZWJob29rRXZlbnQSLi5leHBlbnNlLmFkbWluLnYxLlJlZGVsaXZlcldlYmhvb2tFdmVudFJlcXVlc3QaLy5leHBlbnNlLmFkbWluLnYxLlJlZGVsaXZlcldlYmhvb2tFdmVudFJlc3BvbnNlYgZwcm90bzM", [file_expense_user_v1_user, file_google_protobuf_timestamp]);
+
+/**
+ * WebhookEvent is one account lifecycle event on its way to one endpoint.
+ *
+ * @generated from message expense.admin.v1.WebhookEvent
+ */
+export type WebhookEvent = Message<"expense.admin.v1.WebhookEvent"> & {
+  /**
+   * The event's id, sent as `webhook-id` (the same on every attempt and endpoint).
+   *
+   * @generated from field: string event_id = 1;
+   */
+  eventId: string;
+
+  /**
+   * The endpoint's URL.
+   *
+   * @generated from field: string endpoint = 2;
+   */
+  endpoint: string;
+
+  /**
+   * The event's type, such as `user.created`.
+   *
+   * @generated from field: string type = 3;
+   */
+  type: string;
+
+  /**
+   * The user the event is about.
+   *
+   * @generated from field: string user_id = 4;
+   */
+  userId: string;
+
+  /**
+   * Where the event stands.
+   *
+   * @generated from field: expense.admin.v1.WebhookEventState state = 5;
+   */
+  state: WebhookEventState;
+
+  /**
+   * How many attempts failed since it was written or redelivered.
+   *
+   * @generated from field: int32 attempt_count = 6;
+   */
+  attemptCount: number;
+
+  /**
+   * Why the last attempt failed (`HTTP 503`, `no answer within 10 s`...); empty
+   * before the first failure.
+   *
+   * @generated from field: string last_error = 7;
+   */
+  lastError: string;
+
+  /**
+   * When the event was written.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 8;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * When it will be tried next (while pending).
+   *
+   * @generated from field: google.protobuf.Timestamp next_attempt_time = 9;
+   */
+  nextAttemptTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message expense.admin.v1.WebhookEvent.
+ * Use `create(WebhookEventSchema)` to create a new message.
+ */
+export const WebhookEventSchema: GenMessage<WebhookEvent> = /*@__PURE__*/
+  messageDesc(file_expense_admin_v1_admin, 0);
 
 /**
  * ManagedUser is a user as an operator sees them.
@@ -42,7 +120,7 @@ export type ManagedUser = Message<"expense.admin.v1.ManagedUser"> & {
  * Use `create(ManagedUserSchema)` to create a new message.
  */
 export const ManagedUserSchema: GenMessage<ManagedUser> = /*@__PURE__*/
-  messageDesc(file_expense_admin_v1_admin, 0);
+  messageDesc(file_expense_admin_v1_admin, 1);
 
 /**
  * ListUsersRequest asks for one page of users.
@@ -77,7 +155,7 @@ export type ListUsersRequest = Message<"expense.admin.v1.ListUsersRequest"> & {
  * Use `create(ListUsersRequestSchema)` to create a new message.
  */
 export const ListUsersRequestSchema: GenMessage<ListUsersRequest> = /*@__PURE__*/
-  messageDesc(file_expense_admin_v1_admin, 1);
+  messageDesc(file_expense_admin_v1_admin, 2);
 
 /**
  * ListUsersResponse carries one page of users.
@@ -105,7 +183,7 @@ export type ListUsersResponse = Message<"expense.admin.v1.ListUsersResponse"> & 
  * Use `create(ListUsersResponseSchema)` to create a new message.
  */
 export const ListUsersResponseSchema: GenMessage<ListUsersResponse> = /*@__PURE__*/
-  messageDesc(file_expense_admin_v1_admin, 2);
+  messageDesc(file_expense_admin_v1_admin, 3);
 
 /**
  * GetUserRequest names a user.
@@ -126,7 +204,7 @@ export type GetUserRequest = Message<"expense.admin.v1.GetUserRequest"> & {
  * Use `create(GetUserRequestSchema)` to create a new message.
  */
 export const GetUserRequestSchema: GenMessage<GetUserRequest> = /*@__PURE__*/
-  messageDesc(file_expense_admin_v1_admin, 3);
+  messageDesc(file_expense_admin_v1_admin, 4);
 
 /**
  * GetUserResponse carries the user.
@@ -147,7 +225,7 @@ export type GetUserResponse = Message<"expense.admin.v1.GetUserResponse"> & {
  * Use `create(GetUserResponseSchema)` to create a new message.
  */
 export const GetUserResponseSchema: GenMessage<GetUserResponse> = /*@__PURE__*/
-  messageDesc(file_expense_admin_v1_admin, 4);
+  messageDesc(file_expense_admin_v1_admin, 5);
 
 /**
  * DisableUserRequest names a user.
@@ -168,7 +246,7 @@ export type DisableUserRequest = Message<"expense.admin.v1.DisableUserRequest"> 
  * Use `create(DisableUserRequestSchema)` to create a new message.
  */
 export const DisableUserRequestSchema: GenMessage<DisableUserRequest> = /*@__PURE__*/
-  messageDesc(file_expense_admin_v1_admin, 5);
+  messageDesc(file_expense_admin_v1_admin, 6);
 
 /**
  * DisableUserResponse carries the disabled user.
@@ -189,7 +267,7 @@ export type DisableUserResponse = Message<"expense.admin.v1.DisableUserResponse"
  * Use `create(DisableUserResponseSchema)` to create a new message.
  */
 export const DisableUserResponseSchema: GenMessage<DisableUserResponse> = /*@__PURE__*/
-  messageDesc(file_expense_admin_v1_admin, 6);
+  messageDesc(file_expense_admin_v1_admin, 7);
 
 /**
  * EnableUserRequest names a user.
@@ -210,7 +288,7 @@ export type EnableUserRequest = Message<"expense.admin.v1.EnableUserRequest"> & 
  * Use `create(EnableUserRequestSchema)` to create a new message.
  */
 export const EnableUserRequestSchema: GenMessage<EnableUserRequest> = /*@__PURE__*/
-  messageDesc(file_expense_admin_v1_admin, 7);
+  messageDesc(file_expense_admin_v1_admin, 8);
 
 /**
  * EnableUserResponse carries the enabled user.
@@ -231,7 +309,7 @@ export type EnableUserResponse = Message<"expense.admin.v1.EnableUserResponse"> 
  * Use `create(EnableUserResponseSchema)` to create a new message.
  */
 export const EnableUserResponseSchema: GenMessage<EnableUserResponse> = /*@__PURE__*/
-  messageDesc(file_expense_admin_v1_admin, 8);
+  messageDesc(file_expense_admin_v1_admin, 9);
 
 /**
  * RevokeUserSessionsRequest names a user.
@@ -252,7 +330,7 @@ export type RevokeUserSessionsRequest = Message<"expense.admin.v1.RevokeUserSess
  * Use `create(RevokeUserSessionsRequestSchema)` to create a new message.
  */
 export const RevokeUserSessionsRequestSchema: GenMessage<RevokeUserSessionsRequest> = /*@__PURE__*/
-  messageDesc(file_expense_admin_v1_admin, 9);
+  messageDesc(file_expense_admin_v1_admin, 10);
 
 /**
  * RevokeUserSessionsResponse reports how many sessions ended.
@@ -273,7 +351,146 @@ export type RevokeUserSessionsResponse = Message<"expense.admin.v1.RevokeUserSes
  * Use `create(RevokeUserSessionsResponseSchema)` to create a new message.
  */
 export const RevokeUserSessionsResponseSchema: GenMessage<RevokeUserSessionsResponse> = /*@__PURE__*/
-  messageDesc(file_expense_admin_v1_admin, 10);
+  messageDesc(file_expense_admin_v1_admin, 11);
+
+/**
+ * ListWebhookEventsRequest asks for one page of undelivered events.
+ *
+ * @generated from message expense.admin.v1.ListWebhookEventsRequest
+ */
+export type ListWebhookEventsRequest = Message<"expense.admin.v1.ListWebhookEventsRequest"> & {
+  /**
+   * The largest number of events to return, from 0 to 100; 0 means 50.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * The `next_page_token` of a previous response; empty for the first page.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * Only events in this state; unspecified lists pending and parked ones.
+   *
+   * @generated from field: expense.admin.v1.WebhookEventState state = 3;
+   */
+  state: WebhookEventState;
+};
+
+/**
+ * Describes the message expense.admin.v1.ListWebhookEventsRequest.
+ * Use `create(ListWebhookEventsRequestSchema)` to create a new message.
+ */
+export const ListWebhookEventsRequestSchema: GenMessage<ListWebhookEventsRequest> = /*@__PURE__*/
+  messageDesc(file_expense_admin_v1_admin, 12);
+
+/**
+ * ListWebhookEventsResponse carries one page of events.
+ *
+ * @generated from message expense.admin.v1.ListWebhookEventsResponse
+ */
+export type ListWebhookEventsResponse = Message<"expense.admin.v1.ListWebhookEventsResponse"> & {
+  /**
+   * The events, in the order they go out.
+   *
+   * @generated from field: repeated expense.admin.v1.WebhookEvent events = 1;
+   */
+  events: WebhookEvent[];
+
+  /**
+   * The token for the next page, or empty when this is the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message expense.admin.v1.ListWebhookEventsResponse.
+ * Use `create(ListWebhookEventsResponseSchema)` to create a new message.
+ */
+export const ListWebhookEventsResponseSchema: GenMessage<ListWebhookEventsResponse> = /*@__PURE__*/
+  messageDesc(file_expense_admin_v1_admin, 13);
+
+/**
+ * RedeliverWebhookEventRequest names a parked event.
+ *
+ * @generated from message expense.admin.v1.RedeliverWebhookEventRequest
+ */
+export type RedeliverWebhookEventRequest = Message<"expense.admin.v1.RedeliverWebhookEventRequest"> & {
+  /**
+   * The event's id (`webhook-id`).
+   *
+   * @generated from field: string event_id = 1;
+   */
+  eventId: string;
+};
+
+/**
+ * Describes the message expense.admin.v1.RedeliverWebhookEventRequest.
+ * Use `create(RedeliverWebhookEventRequestSchema)` to create a new message.
+ */
+export const RedeliverWebhookEventRequestSchema: GenMessage<RedeliverWebhookEventRequest> = /*@__PURE__*/
+  messageDesc(file_expense_admin_v1_admin, 14);
+
+/**
+ * RedeliverWebhookEventResponse carries the event, pending again.
+ *
+ * @generated from message expense.admin.v1.RedeliverWebhookEventResponse
+ */
+export type RedeliverWebhookEventResponse = Message<"expense.admin.v1.RedeliverWebhookEventResponse"> & {
+  /**
+   * The event, once per endpoint where it was parked.
+   *
+   * @generated from field: repeated expense.admin.v1.WebhookEvent events = 1;
+   */
+  events: WebhookEvent[];
+};
+
+/**
+ * Describes the message expense.admin.v1.RedeliverWebhookEventResponse.
+ * Use `create(RedeliverWebhookEventResponseSchema)` to create a new message.
+ */
+export const RedeliverWebhookEventResponseSchema: GenMessage<RedeliverWebhookEventResponse> = /*@__PURE__*/
+  messageDesc(file_expense_admin_v1_admin, 15);
+
+/**
+ * WebhookEventState is where an event stands in the outbox.
+ *
+ * @generated from enum expense.admin.v1.WebhookEventState
+ */
+export enum WebhookEventState {
+  /**
+   * Not set: in a request, every state.
+   *
+   * @generated from enum value: WEBHOOK_EVENT_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Waiting for delivery: its turn (a user's events go out in order) or a retry.
+   *
+   * @generated from enum value: WEBHOOK_EVENT_STATE_PENDING = 1;
+   */
+  PENDING = 1,
+
+  /**
+   * Its retry window ran out; it waits for an operator to redeliver it.
+   *
+   * @generated from enum value: WEBHOOK_EVENT_STATE_PARKED = 2;
+   */
+  PARKED = 2,
+}
+
+/**
+ * Describes the enum expense.admin.v1.WebhookEventState.
+ */
+export const WebhookEventStateSchema: GenEnum<WebhookEventState> = /*@__PURE__*/
+  enumDesc(file_expense_admin_v1_admin, 0);
 
 /**
  * AdminService lets an operator look after accounts. It is served only on the
@@ -335,6 +552,31 @@ export const AdminService: GenService<{
     methodKind: "unary";
     input: typeof RevokeUserSessionsRequestSchema;
     output: typeof RevokeUserSessionsResponseSchema;
+  },
+  /**
+   * ListWebhookEvents lists the account lifecycle events that are not delivered
+   * yet, in the order they go out: pending ones (waiting for their turn or for
+   * a retry) and parked ones (their retry window ran out). Delivered events
+   * leave the list.
+   *
+   * @generated from rpc expense.admin.v1.AdminService.ListWebhookEvents
+   */
+  listWebhookEvents: {
+    methodKind: "unary";
+    input: typeof ListWebhookEventsRequestSchema;
+    output: typeof ListWebhookEventsResponseSchema;
+  },
+  /**
+   * RedeliverWebhookEvent puts a parked event back in line for delivery, with a
+   * fresh retry window, to every endpoint where it is parked. It goes out after
+   * any later events of the same user that were delivered meanwhile.
+   *
+   * @generated from rpc expense.admin.v1.AdminService.RedeliverWebhookEvent
+   */
+  redeliverWebhookEvent: {
+    methodKind: "unary";
+    input: typeof RedeliverWebhookEventRequestSchema;
+    output: typeof RedeliverWebhookEventResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_expense_admin_v1_admin, 0);

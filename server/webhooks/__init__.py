@@ -1,0 +1,1 @@
+"""Outbound webhooks: signing and sending account lifecycle events."""
