@@ -275,7 +275,11 @@ class Counters:
 
 
 def counter_from_url(
-    url: str, *, clock: Clock, fail_open: frozenset[str] = frozenset()
+    url: str,
+    *,
+    clock: Clock,
+    fail_open: frozenset[str] = frozenset(),
+    timeout_s: float = REDIS_TIMEOUT_S,
 ) -> WindowCounter:
     """The counter for RATE_LIMIT_STORAGE_URL (`memory://` or `redis://host:port`)."""
-    return Counters(url, clock=clock, fail_open=fail_open).counter
+    return Counters(url, clock=clock, fail_open=fail_open, timeout_s=timeout_s).counter

@@ -154,7 +154,9 @@ from server.domain.throttle import Throttle
 from server.storage.limits import counter_from_url, parse_limits
 
 async def main() -> None:
-    counter = counter_from_url(sys.argv[1], clock=SystemClock())
+    # A deadline of seconds: on a loaded machine the first Redis call can take longer
+    # than the production 100 ms, and a counter that falls back to memory counts alone.
+    counter = counter_from_url(sys.argv[1], clock=SystemClock(), timeout_s=5.0)
     throttle = Throttle(counter, {"p": parse_limits("10/minute")})
     passed = 0
     for _ in range(25):
