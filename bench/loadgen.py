@@ -61,12 +61,12 @@ class Requests:
         *,
         paired: bool,
         count: int | None,
-        seed: int = 0,
     ) -> None:
         self._bodies = bodies
         self._cookies = cookies
         self._paired = paired
-        self._random = random.Random(seed)
+        # Seeded from the OS: each run draws its own sequence of sessions.
+        self._random = random.Random()
         self._left = count
         self._sent = 0
 

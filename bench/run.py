@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import platform
@@ -98,12 +99,15 @@ class Mode:
     pool: int = data.POOL  # distinct sessions per signed-in cell
 
 
+# 42 cells: 4 rounds x 4 s keep a full run near 20 minutes. A SignIn cell stops early
+# when its tokens run out (each needs a CreateSignInNonce call and an RSA signature
+# before the clock starts, which is most of the time the run spends outside cells).
 FULL = Mode(
     False,
-    rounds=5,
-    seconds=5,
+    rounds=4,
+    seconds=4,
     warmup_seconds=2,
-    signin_tokens=2500,
+    signin_tokens=1500,
     scales=(1_000, 100_000, 1_000_000),
     pg_scales=(1_000, 1_000_000),
 )
@@ -304,7 +308,9 @@ def prepare_postgres(name: str, users: int, *, pool: int) -> tuple[str, list[str
     (keyed by size, pool and schema), its secrets in bench/results/tmp/seed/; each
     run's database is a copy (CREATE DATABASE ... TEMPLATE: a file copy).
     """
-    key = f"{users}_{pool}_{_schema_version('postgres').replace('-', '_')}"
+    # Database names stop at 63 bytes: the schema goes in as a short digest.
+    schema = hashlib.sha256(_schema_version("postgres").encode()).hexdigest()[:8]
+    key = f"{users}_{pool}_{schema}"
     seed_db = f"{PG_SEED_PREFIX}{key}"
     secrets_file = TMP / "seed" / f"pg-{key}.json"
     exists = asyncio.run(_pg_column("SELECT 1 FROM pg_database WHERE datname = $1", seed_db))
@@ -411,7 +417,7 @@ def start_servers(
     for name, our in ours.items():
         spec = our.spec
         port = procs.free_port()
-        server_env = {
+        our_env = {
             **env,
             "DATA_DIR": str(run_dir / name),
             "LOG_LEVEL": spec.log_level,
@@ -422,14 +428,30 @@ def start_servers(
         if spec.workers > 1:
             args += ["--workers", str(spec.workers)]
         if spec.redis:
-            server_env["RATE_LIMIT_STORAGE_URL"] = (
+            our_env["RATE_LIMIT_STORAGE_URL"] = (
                 f"redis://127.0.0.1:{servers['redis-server'].ports['redis']}/1"
             )
         if spec.forward_auth:
             # The forward-auth listener, as a gateway would call it.
             ports["forward-auth"] = procs.free_port()
-            server_env["FORWARD_AUTH_PORT"] = str(ports["forward-auth"])
-        servers[name] = procs.spawn(name, args, env=server_env, cwd=REPO, log_dir=logs, ports=ports)
+            our_env["FORWARD_AUTH_PORT"] = str(ports["forward-auth"])
+        servers[name] = procs.spawn(name, args, env=our_env, cwd=REPO, log_dir=logs, ports=ports)
+    # The old measurement, for a before-and-after within one run: development mode from
+    # the bench's own virtualenv (numpy hidden by bench/shield), WARNING logs, one
+    # cookie, 1k users with one session each.
+    legacy_env = server_env(session_key, HOME=env["HOME"], DATA_DIR=str(run_dir / "legacy"))
+    secrets = prepare_sqlite(1_000, run_dir / "legacy", legacy_env, pool=1_000)
+    legacy_cookie = data.cookie(session_key, secrets[len(secrets) // 2])
+    (run_dir / "cookie-legacy.txt").write_text(f"{COOKIE_NAME}={legacy_cookie}\n")
+    port = procs.free_port()
+    servers["legacy"] = procs.spawn(
+        "legacy",
+        procs.serve_args(str(BIN / "expense-auth"), port),
+        env=legacy_env,
+        cwd=REPO,
+        log_dir=logs,
+        ports={"h1": port, "h2c": port},
+    )
     port = procs.free_port()
     servers["echo"] = procs.spawn(
         "echo",
@@ -476,11 +498,22 @@ def build_cells(mode: Mode, run_dir: Path, ours: dict[str, Ours], minter: Minter
     one.write_text(main_pool[len(main_pool) // 2] + "\n")
     cells: list[Cell] = []
 
-    def fixed(name: str, server: str, protocol: str, path: str, *, expect: str = "ok") -> None:
+    def fixed(
+        name: str,
+        server: str,
+        protocol: str,
+        path: str,
+        *,
+        expect: str = "ok",
+        cookie: str = "",
+    ) -> None:
+        extra = [("cookie", cookie)] if cookie else []
         request = load.request_for(
-            protocol, path, json_body="{}", proto_body=b"", extra=[], body_dir=bodies
+            protocol, path, json_body="{}", proto_body=b"", extra=extra, body_dir=bodies
         )
-        cells.append(Cell(name, protocol, server, expect, request=request))
+        cells.append(
+            Cell(name, protocol, server, expect, request=request, sessions=1 if cookie else None)
+        )
 
     def signed_in(name: str, server: str, protocol: str, path: str, cookies: Path) -> None:
         pool = cookies.read_text().splitlines()
@@ -524,6 +557,13 @@ def build_cells(mode: Mode, run_dir: Path, ours: dict[str, Ours], minter: Minter
         )
         pool = ours["main"].cookies
         signed_in("GetSession", "main", protocol, GET_SESSION, pool)
+        fixed(
+            "GetSession, as measured before",
+            "legacy",
+            protocol,
+            GET_SESSION,
+            cookie=(run_dir / "cookie-legacy.txt").read_text().strip(),
+        )
         signed_in("GetSession, one session (cached)", "main", protocol, GET_SESSION, one)
         signed_in("GetCurrentUser", "main", protocol, GET_CURRENT_USER, pool)
         fixed("Unauthenticated", "main", protocol, GET_SESSION, expect="unauthenticated")
@@ -1088,8 +1128,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+_STARTED = time.monotonic()
+
+
 def _say(text: str) -> None:
-    print(f"bench: {text}", file=sys.stderr, flush=True)
+    print(f"bench [{time.monotonic() - _STARTED:4.0f} s]: {text}", file=sys.stderr, flush=True)
 
 
 def _median(values: list[float]) -> float:
