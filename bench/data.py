@@ -13,7 +13,6 @@ first call.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import sqlite3
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.domain.sessions import MAX_TOUCH_INTERVAL_MS
+from server.domain.tokens import hash_secret
 from server.identity.dev_issuer import DEV_AUDIENCE, DevIssuer
 from server.rpc.signing import CookieSigner
 
@@ -118,7 +118,7 @@ def _batches(users: int, pool: int, now_ms: int) -> Iterator[_Batch]:
                 (
                     f"ses_{secrets.token_urlsafe(16)}",
                     user_ids[i % users],
-                    hashlib.sha256(secret.encode()).digest(),
+                    hash_secret(secret),
                     now_ms,
                     now_ms,
                     now_ms + SESSION_LIFETIME_MS,
@@ -166,7 +166,7 @@ def refresh_sqlite(path: Path, pool: Sequence[str]) -> None:
     with conn:
         conn.executemany(
             "UPDATE sessions SET last_seen_ms = ?, expire_ms = ? WHERE token_hash = ?",
-            [(last_seen_ms, expire_ms, hashlib.sha256(s.encode()).digest()) for s in pool],
+            [(last_seen_ms, expire_ms, hash_secret(s)) for s in pool],
         )
     conn.close()
 
@@ -212,7 +212,7 @@ async def refresh_postgres(url: str, pool: Sequence[str]) -> None:
             "WHERE token_hash = ANY($3::bytea[])",
             last_seen_ms,
             expire_ms,
-            [hashlib.sha256(s.encode()).digest() for s in pool],
+            [hash_secret(s) for s in pool],
         )
     finally:
         await conn.close()
