@@ -99,15 +99,15 @@ class Mode:
     pool: int = data.POOL  # distinct sessions per signed-in cell
 
 
-# 42 cells: 4 rounds x 4 s keep a full run near 20 minutes. A SignIn cell stops early
-# when its tokens run out (each needs a CreateSignInNonce call and an RSA signature
-# before the clock starts, which is most of the time the run spends outside cells).
+# 44 cells: 4 rounds x 3 s keep a full run near 20 minutes on a busy machine. A SignIn
+# cell stops early when its tokens run out (each needs a CreateSignInNonce call and an
+# RSA signature before the clock starts: most of the time the run spends outside cells).
 FULL = Mode(
     False,
     rounds=4,
-    seconds=4,
+    seconds=3,
     warmup_seconds=2,
-    signin_tokens=1500,
+    signin_tokens=1200,
     scales=(1_000, 100_000, 1_000_000),
     pg_scales=(1_000, 1_000_000),
 )
