@@ -382,14 +382,16 @@ def chart(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 7), sharex=False)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 10), sharex=False)
     for ax, protocol in zip(axes, (H1, GRPC), strict=True):
         rows = [row for row in results["scenarios"] if row["protocol"] == protocol][::-1]
         names = [row["name"] for row in rows]
         rps = [row["rps"] for row in rows]
         err = [[r["rps"] - r["rps_min"] for r in rows], [r["rps_max"] - r["rps"] for r in rows]]
         colors = [
-            "#999999" if row["server"] in ("echo", "grpc-aio", "connect-node") else "#3b6ea8"
+            "#999999"
+            if row["server"] in ("echo", "grpc-aio", "connect-node", "legacy")
+            else "#3b6ea8"
             for row in rows
         ]
         ax.barh(names, rps, xerr=err, color=colors, capsize=2)
@@ -401,7 +403,9 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{protocol}, c=16, server pinned to one core")
         ax.set_xlabel("requests/s (median of rounds; whiskers min-max)")
         ax.margins(x=0.25)
-    fig.suptitle(f"expense-auth — {results['command']} — grey: bare echo baselines")
+    fig.suptitle(
+        f"expense-auth — {results['command']} — grey: bare echo baselines and the old measurement"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
