@@ -536,8 +536,8 @@ def build_cells(mode: Mode, run_dir: Path, ours: dict[str, Ours], minter: Minter
                 protocol,
                 server,
                 "ok",
-                loadgen=_sign_in_loadgen(bodies, name, server, mode, minter),
-                prepare=minter.preparer(bodies, name, server, protocol, mode),
+                loadgen=_sign_in_loadgen(bodies, name),
+                prepare=minter.preparer(bodies, name, protocol, mode),
             )
         )
 
@@ -674,8 +674,9 @@ class Minter:
         self._workers = workers
 
     def preparer(
-        self, bodies: Path, name: str, server: str, protocol: str, mode: Mode
+        self, bodies: Path, name: str, protocol: str, mode: Mode
     ) -> Callable[[int, int], None]:
+        """What a SignIn cell runs before the clock starts: its requests, fresh."""
         stem = _stem(name, protocol)
 
         def prepare(port: int, index: int) -> None:
@@ -713,9 +714,7 @@ def _stem(name: str, protocol: str) -> str:
     return "signin-" + "".join(c if c.isalnum() else "_" for c in f"{name}-{protocol}")
 
 
-def _sign_in_loadgen(
-    bodies: Path, name: str, server: str, mode: Mode, minter: Minter
-) -> Callable[..., Run]:
+def _sign_in_loadgen(bodies: Path, name: str) -> Callable[..., Run]:
     def go(port: int, protocol: str, index: int, seconds: float) -> Run:
         stem = _stem(name, protocol)
         return load.loadgen(
