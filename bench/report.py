@@ -151,6 +151,10 @@ def build(
                 if cell.request is None and cell.name != "echo, bench.loadgen client"
                 else None,
                 "distinct_sessions": cell.sessions,
+                # Calls that wrote a session's last-seen time (at most once a minute each).
+                "last_seen_writes_per_call": round(statistics.median(cell.writes_per_call), 3)
+                if cell.writes_per_call
+                else None,
                 "vs_connect_node": _ratio(cell, by_key.get(("connect-node echo", cell.protocol))),
                 "vs_grpc_aio": _ratio(cell, by_key.get(("grpc.aio echo", cell.protocol))),
                 "rps_min": round(min(rps), 1),
@@ -313,17 +317,19 @@ def _plain(value: Any) -> str:
 def markdown_table(results: dict[str, Any]) -> str:
     """The results as Markdown: scenarios, targets, machine, versions, command."""
     lines = [
-        "| scenario | protocol | client | sessions | RPS (median) | min-max | x echo "
+        "| scenario | protocol | client | sessions | last-seen writes per call "
+        "| RPS (median) | min-max | x echo "
         "| x echo, same client | x echo by CPU/call | x connect-node echo "
         "| x grpc.aio echo | p50 ms | p99 ms | p99.9 ms | server CPU ms/call "
         "| storage CPU ms/call | core 0 busy outside the server | peak RSS MiB |",
-        "| --- | --- | --- |" + " ---: |" * 15,
+        "| --- | --- | --- |" + " ---: |" * 16,
     ]
     for row in results["scenarios"]:
         sessions = row.get("distinct_sessions")
         lines.append(
             f"| {row['name']} | {row['protocol']} | {row['client']} | "
-            f"{'—' if sessions is None else f'{sessions:,}'} | {row['rps']:.0f} | "
+            f"{'—' if sessions is None else f'{sessions:,}'} | "
+            f"{_fmt(row.get('last_seen_writes_per_call'))} | {row['rps']:.0f} | "
             f"{row['rps_min']:.0f}-{row['rps_max']:.0f} | {_fmt(row['ratio_to_echo'])} | "
             f"{_fmt(row.get('ratio_to_loadgen_echo'))} | "
             f"{_fmt(row['cpu_ratio_to_echo'])} | "

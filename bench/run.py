@@ -42,6 +42,7 @@ import platform
 import random
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -56,6 +57,7 @@ from typing import Any
 from bench import data, google, load, procs, report, runtime
 from bench.load import GRPC, H1, PROTOCOLS, Request, Run
 from server.domain.throttle import POLICIES
+from server.domain.tokens import hash_secret
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -154,6 +156,7 @@ class Cell:
     cpu_util: list[float] = field(default_factory=list)
     cpu_ms_per_request: list[float] = field(default_factory=list)
     storage_cpu_ms_per_request: list[float] = field(default_factory=list)
+    writes_per_call: list[float] = field(default_factory=list)  # last-seen writes
     core0_other: list[float] = field(default_factory=list)
     peak_rss_mb: float = 0.0
 
@@ -280,11 +283,11 @@ async def _pg_admin(*statements: str) -> None:
         await conn.close()
 
 
-async def _pg_column(query: str, *args: object) -> list[Any]:
-    """The first column of a query's rows."""
+async def _pg_column(query: str, *args: object, database: str = "") -> list[Any]:
+    """The first column of a query's rows (on the admin database unless told otherwise)."""
     import asyncpg
 
-    conn = await asyncpg.connect(POSTGRES_URL, timeout=30)
+    conn = await asyncpg.connect(_pg_url(database) if database else POSTGRES_URL, timeout=30)
     try:
         return [row[0] for row in await conn.fetch(query, *args)]
     finally:
@@ -376,6 +379,7 @@ class Ours:
     cookies: Path  # the pool's cookies, one per line
     database: str = ""  # PostgreSQL's database name
     env: dict[str, str] = field(default_factory=dict)
+    secrets: list[str] = field(default_factory=list)  # the pool's sessions
 
 
 def start_servers(
@@ -399,7 +403,11 @@ def start_servers(
             url, database = "", ""
         cookies = write_cookies(run_dir / f"cookies-{spec.name}.txt", session_key, secrets)
         ours[spec.name] = Ours(
-            spec=spec, cookies=cookies, database=database, env={"DATABASE_URL": url} if url else {}
+            spec=spec,
+            cookies=cookies,
+            database=database,
+            env={"DATABASE_URL": url} if url else {},
+            secrets=secrets,
         )
     if any(o.spec.redis for o in ours.values()):
         redis_port = procs.free_port()
@@ -813,6 +821,34 @@ class Storage:
 
     pg_database: str = ""
     redis: procs.Server | None = None
+    sqlite_path: Path | None = None
+    pool_hashes: list[bytes] = field(default_factory=list)
+    rng: random.Random = field(default_factory=random.Random)
+
+    def stagger_last_seen(self) -> None:
+        """Before a signed-in cell: data.DUE_SHARE of the pool due for a last-seen write."""
+        if not self.pool_hashes:
+            return
+        plan = data.last_seen_plan(self.pool_hashes, now_ms=int(time.time() * 1000), rng=self.rng)
+        if self.pg_database:
+            asyncio.run(data.set_last_seen_postgres(_pg_url(self.pg_database), plan))
+        elif self.sqlite_path is not None:
+            data.set_last_seen_sqlite(self.sqlite_path, plan)
+
+    def sessions_seen_since(self, since_ms: int) -> int | None:
+        """Sessions whose last-seen time was written at or after `since_ms`: the
+        last-seen writes of a cell (each session is written at most once a minute)."""
+        query = "SELECT count(*) FROM sessions WHERE last_seen_ms >= "
+        if self.pg_database:
+            counted = asyncio.run(_pg_column(query + "$1", since_ms, database=self.pg_database))
+            return int(counted[0])
+        if self.sqlite_path is not None:
+            conn = sqlite3.connect(f"file:{self.sqlite_path}?mode=ro", uri=True, timeout=10)
+            try:
+                return int(conn.execute(query + "?", (since_ms,)).fetchone()[0])
+            finally:
+                conn.close()
+        return None
 
     def pids(self) -> list[int]:
         pids = pg_backends(self.pg_database) if self.pg_database else []
@@ -837,9 +873,12 @@ def measure(
     port = _port(cell, server)
     if cell.prepare is not None:
         cell.prepare(port, index)
+    if cell.sessions is not None:
+        storage.stagger_last_seen()
     pids = server.refresh_pids()
     storage_pids = storage.pids()
     procs.reset_peak_rss(pids)
+    since_ms = int(time.time() * 1000)
     cpu0, storage0, core0, t0 = (
         procs.cpu_seconds(pids),
         procs.cpu_seconds(storage_pids),
@@ -862,6 +901,11 @@ def measure(
     storage_cpu = procs.cpu_seconds(storage_pids) - storage0
     core = procs.core_busy_seconds(procs.SERVER_CPU) - core0
     _check(cell, run)
+    if record and cell.sessions is not None:
+        time.sleep(0.3)  # last-seen writes wait at most 0.25 s (server/storage/touches.py)
+        written = storage.sessions_seen_since(since_ms)
+        if written is not None:
+            cell.writes_per_call.append(written / max(run.requests, 1))
     if record:
         cell.runs.append(run)
         cell.cpu_util.append(cpu / wall)
@@ -1056,9 +1100,12 @@ def main(argv: list[str] | None = None) -> int:
             name: Storage(
                 pg_database=our.database,
                 redis=servers["redis-server"] if our.spec.redis else None,
+                sqlite_path=None if our.database else run_dir / name / data.DB_NAME,
+                pool_hashes=[hash_secret(secret) for secret in our.secrets],
             )
             for name, our in ours.items()
         }
+        storage["legacy"] = Storage(sqlite_path=run_dir / "legacy" / data.DB_NAME)
         for cell in cells:
             probe(cell, servers[cell.server])
         _say(f"warm-up: {len(cells)} cells x {mode.warmup_seconds:g} s")
