@@ -120,8 +120,10 @@ example: setup
 	cd examples/web && npm run build
 
 # Benchmarks (bench/, docs/benchmarks.md): `make bench`, or `make bench BENCH_ARGS=--quick`
-# for a smoke run in under a minute. Needs h2load (Debian nghttp2-client) and
-# matplotlib + py-spy (the `bench` extra); installs what is missing.
+# for a smoke run in a few minutes. Needs h2load (Debian nghttp2-client), redis-server,
+# PostgreSQL (TEST_POSTGRES_URL, as the tests) and matplotlib + py-spy (the `bench`
+# extra); installs what is missing. The servers under test run from a virtualenv of the
+# runtime dependencies only, which the bench creates on first use (bench/runtime.py).
 .PHONY: bench
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): pyproject.toml $(PY_STAMP)
@@ -129,6 +131,7 @@ $(BENCH_STAMP): pyproject.toml $(PY_STAMP)
 	touch $@
 bench: $(BENCH_STAMP) $(NODE_STAMP)
 	@command -v h2load >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nghttp2-client; }
+	@command -v redis-server >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq redis-server; }
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # docs/dashboard-preview.png: the Grafana dashboard's queries, evaluated by a real

@@ -139,10 +139,16 @@ def loadgen(
     *,
     bodies_file: Path | None = None,
     repeat: str | None = None,
+    get: bool = False,
+    cookies_file: Path | None = None,
+    paired: bool = False,
+    count: int | None = None,
+    save: Path | None = None,
     headers: Mapping[str, str],
     seconds: float,
 ) -> Run:
-    """Run bench.loadgen (one distinct body per request), pinned to the load core."""
+    """Run bench.loadgen (distinct bodies and/or cookies per request), pinned to the load
+    core; see bench/loadgen.py for the options."""
     args = [
         *procs.pinned(procs.LOAD_CPU),
         sys.executable,
@@ -161,7 +167,18 @@ def loadgen(
         "--headers",
         json.dumps(dict(headers)),
     ]
-    args += ["--bodies", str(bodies_file)] if repeat is None else ["--repeat", repeat]
+    if get:
+        args.append("--get")
+    elif repeat is not None:
+        args += ["--repeat", repeat]
+    else:
+        args += ["--bodies", str(bodies_file)]
+    if cookies_file is not None:
+        args += ["--cookies", str(cookies_file)] + (["--paired"] if paired else [])
+    if count is not None:
+        args += ["--count", str(count)]
+    if save is not None:
+        args += ["--save", str(save)]
     result = subprocess.run(
         args,
         capture_output=True,

@@ -35,6 +35,51 @@ def raise_priority(pid: int | str = "self") -> None:
             f.write(str(NICE))
 
 
+def adopt(pid: int) -> None:
+    """Give a process the bench didn't start (a PostgreSQL backend serving a server under
+    test) the server core and the bench's nice value, as if the server had spawned it."""
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(pid, {int(SERVER_CPU)})
+        if NICE:
+            os.setpriority(os.PRIO_PROCESS, pid, NICE)
+
+
+class PostgresPriority:
+    """The bench's nice value for PostgreSQL's scheduling autogroup while it runs.
+
+    With autogroups, a backend's own nice value counts only inside PostgreSQL's
+    session; against the servers (whose sessions run at NICE) the group's counts.
+    Left at 0, a backend pinned next to a server at -10 gets a tenth of the core
+    and the server waits on it. `restore` puts the group back as it was.
+    """
+
+    def __init__(self) -> None:
+        self._path: Path | None = None
+        self._was = ""
+
+    def raise_(self) -> None:
+        if not NICE:
+            return
+        try:
+            postmaster = subprocess.run(
+                ["pgrep", "-o", "-x", "postgres"], capture_output=True, text=True, check=False
+            ).stdout.split()
+            if not postmaster:
+                return
+            path = Path(f"/proc/{postmaster[0]}/autogroup")
+            self._was = path.read_text().split()[-1]
+            path.write_text(str(NICE))
+            self._path = path
+        except OSError:
+            self._path = None
+
+    def restore(self) -> None:
+        if self._path is not None:
+            with contextlib.suppress(OSError):
+                self._path.write_text(self._was)
+            self._path = None
+
+
 def pinned(cpu: str) -> list[str]:
     """The command prefix that pins a process (and its children) to `cpu`."""
     prefix = ["nice", "-n", str(NICE)] if NICE else []
