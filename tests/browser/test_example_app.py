@@ -104,7 +104,9 @@ def dev_token_minter(env: Mapping[str, str]) -> Iterator[str]:
                     "dev-token",
                     *("--email", asked["email"]),
                     *("--name", asked["name"]),
-                    *("--nonce", asked["nonce"]),
+                    # One form: a nonce is base64url and may begin with "-", which
+                    # argparse would take for an option if it came as its own word.
+                    f"--nonce={asked['nonce']}",
                 ],
                 env=dict(env),
                 capture_output=True,
