@@ -67,13 +67,16 @@ $(EXAMPLE_STAMP): examples/web/package.json examples/web/package-lock.json
 # The container image (deploy/container/, tests/deploy/) is built and run with Debian's
 # podman; its base comes from mmdebstrap; this host's cgroups need runc (see
 # deploy/container/containers.conf). compose.yaml runs with Debian's podman-compose;
-# its services find each other by name through netavark's aardvark-dns.
+# its services find each other by name through netavark's aardvark-dns. netavark
+# sets up container networks with iptables, which Debian's podman only suggests:
+# without it every build step that runs a command fails on a fresh machine.
 container-tools:
 	@command -v podman >/dev/null && command -v mmdebstrap >/dev/null && \
 		command -v runc >/dev/null && command -v curl >/dev/null && \
-		command -v podman-compose >/dev/null && [ -x /usr/lib/podman/aardvark-dns ] || \
+		command -v podman-compose >/dev/null && command -v iptables >/dev/null && \
+		[ -x /usr/lib/podman/aardvark-dns ] || \
 		(apt-get update -qq && apt-get install -y -qq podman mmdebstrap runc curl \
-			podman-compose netavark aardvark-dns)
+			podman-compose netavark aardvark-dns iptables)
 
 # The image, localhost/expense-auth:latest (docs/operations.md, "Deploy with a container").
 image: container-tools
