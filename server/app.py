@@ -89,16 +89,19 @@ from server.runtime.receive_fix import ReceiveAfterBodyFix
 from server.storage.backup import BACKUP_SUFFIX, backup
 from server.storage.files import private_dir
 from server.storage.limits import Counters, parse_limits
-from server.storage.postgres import backup as postgres_backup
-from server.storage.postgres import schema as postgres_schema
-from server.storage.postgres.store import PostgresStore
-from server.storage.serving_lock import postgres_serving_lock, sqlite_serving_lock
 from server.storage.sqlite import SQLiteStore, check_schema, migrate
 from server.webhooks.sender import HttpSender
 
+# Imported at run time only when configured, so that a process carries only the
+# libraries it uses: sentry-sdk with SENTRY_DSN (see _error_tracker), asyncpg and the
+# PostgreSQL engine with a postgresql:// DATABASE_URL (aiohttp, for webhooks, is
+# imported by the sender on its first delivery).
 if TYPE_CHECKING:
-    # Imported at run time only with SENTRY_DSN set (see _error_tracker).
     from server.ops.error_tracking import ErrorTracker
+    from server.storage.postgres.store import PostgresStore
+
+    # The engine DATABASE_URL selects; the domain sees only its ports.
+    Store = SQLiteStore | PostgresStore
 
 # Requests to this API are tiny (the largest is a ~1.5 KB ID token); refusing
 # big bodies early keeps memory flat under abuse. Applied after decompression too.
@@ -135,13 +138,11 @@ def session_keys(config: Config) -> list[str]:
     return [_dev_secret(config.data_dir)]
 
 
-# The engine DATABASE_URL selects; the domain sees only its ports.
-Store = SQLiteStore | PostgresStore
-
-
 def pending_migrations(config: Config) -> list[str]:
     """The migrations the configured database still needs (SchemaTooNew for unknown ones)."""
     if config.postgres:
+        from server.storage.postgres import schema as postgres_schema
+
         timeout = config.database_connect_timeout_seconds
         return asyncio.run(postgres_schema.check_schema(config.database_url, timeout_s=timeout))
     return check_schema(config.sqlite_path)
@@ -150,6 +151,8 @@ def pending_migrations(config: Config) -> list[str]:
 def migrate_database(config: Config) -> list[str]:
     """Apply pending migrations to the configured database; returns their names."""
     if config.postgres:
+        from server.storage.postgres import schema as postgres_schema
+
         timeout = config.database_connect_timeout_seconds
         return asyncio.run(postgres_schema.migrate(config.database_url, timeout_s=timeout))
     return migrate(config.sqlite_path)
@@ -158,6 +161,8 @@ def migrate_database(config: Config) -> list[str]:
 def serving_lock(config: Config) -> contextlib.AbstractAsyncContextManager[None]:
     """The configured database's serving lock (server/storage/serving_lock.py): shared
     when the rate limits are shared, exclusive when they are in this process's memory."""
+    from server.storage.serving_lock import postgres_serving_lock, sqlite_serving_lock
+
     shared = not config.rate_limit_storage_url.removeprefix("async+").startswith("memory://")
     if config.postgres:
         return postgres_serving_lock(
@@ -178,6 +183,8 @@ def open_store(config: Config, *, check: bool = True) -> Store:
         SchemaNotReady: The SQLite database has pending migrations.
     """
     if config.postgres:
+        from server.storage.postgres.store import PostgresStore
+
         return PostgresStore(
             config.database_url,
             pool_size=config.database_pool_size,
@@ -545,6 +552,8 @@ def _jobs(config: Config, store: Store, clock: Clock, report: Report | None) -> 
     if config.backup_dir is not None:
         take: Callable[[Path], Path]
         if config.postgres:
+            from server.storage.postgres import backup as postgres_backup
+
             take = functools.partial(postgres_backup.backup, config.database_url)
             suffix = postgres_backup.SUFFIX
         else:

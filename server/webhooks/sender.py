@@ -19,13 +19,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-import aiohttp
 from standardwebhooks import Webhook
 
 from server.domain.clock import Clock
 from server.domain.models import OutboxEvent
 from server.domain.webhooks import DeliveryFailed
+
+if TYPE_CHECKING:
+    import aiohttp
 
 USER_AGENT = "expense-auth-webhooks/1"
 # An acknowledgement's body is not used; read at most this much of it.
@@ -56,6 +59,10 @@ class HttpSender:
 
     async def send(self, event: OutboxEvent) -> None:
         """See `WebhookSender.send`: one POST, bounded by the timeout as a whole."""
+        # Imported on the first delivery: aiohttp is ~8 MiB of a serving process,
+        # which a service without webhooks should not carry.
+        import aiohttp
+
         if self._session is None:
             # Made on first use: on the event loop that runs the deliveries.
             self._session = aiohttp.ClientSession(

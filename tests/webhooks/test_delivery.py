@@ -278,11 +278,19 @@ def test_forged_and_replayed_deliveries_are_rejected_by_the_library(
 
     # A delivery signed ten minutes ago (the server's clock set back) is too old, as a
     # captured delivery replayed ten minutes later would be; the retry, signed anew
-    # at its own time, goes through.
+    # at its own time, goes through. The clock goes forward only once the server has
+    # recorded the failed attempt: recorded at the real time, ten minutes after the
+    # event was made, the failure would end its retry window (RETRY_FOR_S) and park it.
     try:
         clock.set_ms(int(time.time() * 1000) - 10 * 60_000)
         admin.disable_user(DisableUserRequest(user_id=dee.user_id), headers=AUTHORIZED)
         receiver.wait_for(lambda r: "rejected: Message timestamp too old" in r.verdicts())
+        wait_until(
+            lambda: any(
+                e.type == "user.disabled" and e.attempt_count >= 1
+                for e in listed(admin, WebhookEventState.PENDING)
+            )
+        )
     finally:
         clock.path.unlink(missing_ok=True)
     stale = next(d for d in receiver.deliveries if d.verdict.endswith("too old"))
