@@ -15,6 +15,9 @@ unchanged app in interleaved rounds. Nothing here is used by the service.
   SQLiteStore.find_principal off): what the cache saves.
 - `no_security_headers`: the middleware without its six security headers: what
   handing them to pyvoy costs per response.
+- `fused_interceptors`: the leading metadata interceptors of the public services
+  run by one interceptor, in the same order with the same unwinding, instead of
+  by connectrpc's loop: what a hop per concern costs.
 """
 
 from __future__ import annotations
@@ -86,6 +89,56 @@ def _no_principal_cache() -> None:
     setattr(store.SQLiteStore, "_generation", unknown)  # noqa: B010
 
 
+class _Fused:
+    """Metadata interceptors run as one: on_start in order, on_end in reverse, an
+    error raised by an on_end replacing the call's for the ones outside it, as
+    connectrpc's MetadataInterceptorsRun does."""
+
+    def __init__(self, parts: Any) -> None:
+        self._parts = tuple(parts)
+
+    async def on_start(self, ctx: Any) -> list[tuple[Any, Any]]:
+        started: list[tuple[Any, Any]] = []
+        try:
+            for part in self._parts:
+                started.append((part, await part.on_start(ctx)))
+        except Exception as exc:
+            raise await self._unwind(started, ctx, exc) from None
+        return started
+
+    async def on_end(self, started: list[tuple[Any, Any]], ctx: Any, error: Any) -> None:
+        final = await self._unwind(started, ctx, error)
+        if final is not None and final is not error:
+            raise final
+
+    @staticmethod
+    async def _unwind(started: list[tuple[Any, Any]], ctx: Any, error: Any) -> Any:
+        while started:
+            part, token = started.pop()
+            try:
+                await part.on_end(token, ctx, error)
+            except Exception as exc:
+                error = exc
+        return error
+
+
+def _fused_interceptors() -> None:
+    from connectrpc._interceptor_async import split_leading_metadata_interceptors
+
+    import server.app as app
+
+    def fusing(application: Any) -> Any:
+        def build(service: Any, *, interceptors: Any = (), **kwargs: Any) -> Any:
+            leading, rest = split_leading_metadata_interceptors(interceptors)
+            chain = (_Fused(leading), *rest) if leading else tuple(rest)
+            return application(service, interceptors=chain, **kwargs)
+
+        return build
+
+    for name in ("AuthServiceASGIApplication", "UserServiceASGIApplication"):
+        setattr(app, name, fusing(getattr(app, name)))
+
+
 PATCHES: dict[str, tuple[Callable[[], None], ...]] = {
     "baseline": (),
     "no_limits": (_no_limits,),
@@ -105,6 +158,7 @@ PATCHES: dict[str, tuple[Callable[[], None], ...]] = {
     "no_edge": (_no_edge,),
     "no_security_headers": (_no_security_headers,),
     "no_principal_cache": (_no_principal_cache,),
+    "fused_interceptors": (_fused_interceptors,),
 }
 
 
