@@ -1,9 +1,9 @@
-"""A serving process loads only the libraries its configuration uses (issue: memory).
+"""A serving process loads only the libraries its configuration uses.
 
 pyvoy's Envoy process imports server/runtime/asgi.py, which builds the whole
-service. asyncpg (~3 MiB) is loaded only for a postgresql:// DATABASE_URL and
-aiohttp (~8 MiB) only by the webhook sender's first delivery, so a SQLite
-deployment without webhooks carries neither (sentry_sdk: test_error_tracking.py).
+service. asyncpg (~3 MiB) is loaded only for a postgresql:// DATABASE_URL,
+aiohttp (~8 MiB) only by the webhook sender's first delivery and sentry_sdk only
+with SENTRY_DSN, so a SQLite deployment without them carries none.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-WATCHED = ("aiohttp", "asyncpg")
+from tests.support.server import REPO
+
+WATCHED = ("aiohttp", "asyncpg", "sentry_sdk")
 SCRIPT = (
     "import os, sys\n"
     "from server.app import migrate_database\n"
@@ -42,6 +43,7 @@ SCRIPT = (
             },
             "['asyncpg']",
         ),
+        ({"SENTRY_DSN": "http://key@127.0.0.1:9/1"}, "['sentry_sdk']"),
     ],
 )
 def test_the_app_imports_only_the_libraries_its_configuration_uses(
