@@ -26,6 +26,7 @@ from server.ops import error_tracking
 from server.rpc.errors import INTERNAL_MESSAGE
 from tests.conftest import server_env
 from tests.support.client import cookie_from
+from tests.support.clock import FileClock
 from tests.support.google import FakeGoogle
 from tests.support.http import Response, connect_post, request
 from tests.support.sentry import FakeSentry
@@ -90,6 +91,7 @@ def test_unexpected_errors_and_a_failed_job_are_reported_once_each_and_scrubbed(
             BACKUP_INTERVAL_SECONDS="3600",
             RATE_LIMIT_EXPORT_PER_USER="1/hour",
         ),
+        clock=FileClock(tmp_path / "now").freeze(),  # no hour's edge between the exports
     )
     email = "sentry-proof@example.com"
     token = google.token(email=email, sub="sentry-proof")

@@ -22,6 +22,7 @@ from gen.expense.auth.v1.auth_pb import GetSessionRequest
 from tests.conftest import require_tool, server_env
 from tests.interop.tools import REPO
 from tests.support.client import Session
+from tests.support.clock import FileClock
 from tests.support.google import FakeGoogle
 from tests.support.http import connect_post
 from tests.support.promql import Exported, scrape, selectors, unknown
@@ -171,9 +172,11 @@ def exported(tmp_path_factory: pytest.TempPathFactory, google: FakeGoogle) -> It
     Labelled series only appear once observed: one sign-in passes, the next is refused
     by the per-address limit, a call without a session fails.
     """
+    tmp = tmp_path_factory.mktemp("exported")
     running = start_server(
-        tmp_path_factory.mktemp("exported"),
+        tmp,
         server_env(google, RATE_LIMIT_SIGNIN_PER_IP="1/minute"),
+        clock=FileClock(tmp / "now").freeze(),  # no minute's edge between the two sign-ins
     )
     try:
         device = Session(running.url)

@@ -93,9 +93,10 @@ class FileClock:
     def freeze(self) -> FileClock:
         """Stop both clocks at the real wall time and at the start of a day on the
         monotonic clock: every rate-limit window (a second, a minute, an hour, a day)
-        starts there, so exact counts cannot straddle a window's edge."""
+        starts there, so exact counts cannot straddle a window's edge. Frozen again
+        after it was set or unset, it goes on to the next day, never back."""
         day = 86_400_000
-        mono = (time.monotonic_ns() // 1_000_000 // day + 1) * day
+        mono = (self._read()[1] // day + 1) * day
         self._write(time.time_ns() // 1_000_000, mono)
         return self
 
