@@ -228,6 +228,19 @@ def test_cached_principals_see_other_connections_writes_at_once(
     assert principal_of(store, new).session.revoke_ms == 12
 
 
+def test_cached_principals_of_one_person_share_their_user(
+    store: SQLiteStore, sessions: Sessions
+) -> None:
+    """A person on several devices is held once in the cache, not once per session."""
+    phone = asyncio.run(sessions.sign_in(ANN, user_agent="phone"))
+    laptop = asyncio.run(sessions.sign_in(ANN, user_agent="laptop"))
+    assert phone.session.id != laptop.session.id
+    first, second = principal_of(store, phone), principal_of(store, laptop)
+    assert first.session.id == phone.session.id and second.session.id == laptop.session.id
+    assert first.user is second.user
+    assert principal_of(store, laptop).user is first.user  # and so from the cache
+
+
 def test_cached_principals_in_another_thread_see_writes_made_here(
     store: SQLiteStore, sessions: Sessions
 ) -> None:

@@ -8,7 +8,9 @@ effect on the very next request, as without the cache.
 
 from __future__ import annotations
 
-from server.domain.models import Principal
+from dataclasses import replace
+
+from server.domain.models import Principal, User
 
 # Beyond this many entries the cache starts over, so memory stays bounded
 # (about 1 KB per entry).
@@ -22,14 +24,24 @@ class PrincipalCache:
         self.generation = generation
         self.by_token: dict[bytes, Principal] = {}
         self.token_of_session: dict[str, bytes] = {}
+        # One User per person: each lookup reads the user's row afresh, and a
+        # person signed in on several devices would otherwise be held once per session.
+        self.users: dict[str, User] = {}
 
-    def add(self, token_hash: bytes, principal: Principal) -> None:
-        """Remember a principal found by its token hash."""
+    def add(self, token_hash: bytes, principal: Principal) -> Principal:
+        """Remember a principal found by its token hash; returns the one kept."""
         if len(self.by_token) >= PRINCIPAL_CACHE_MAX:
             self.by_token.clear()
             self.token_of_session.clear()
+            self.users.clear()
+        user = self.users.get(principal.user.id)
+        if user == principal.user:
+            principal = replace(principal, user=user)
+        else:
+            self.users[principal.user.id] = principal.user
         self.by_token[token_hash] = principal
         self.token_of_session[principal.session.id] = token_hash
+        return principal
 
     def forget_session(self, session_id: str) -> None:
         """Drop one session (its last-seen time moved)."""

@@ -329,7 +329,7 @@ class SQLiteStore:
         # Labelled with the generation read before the row: if anything changed in
         # between, the next lookup sees a newer generation and drops it.
         if generation is not None and self._cache is cache:
-            cache.add(token_hash, principal)
+            principal = cache.add(token_hash, principal)
         return self._with_unwritten_touch(principal)
 
     async def touch_session(self, session_id: str, *, last_seen_ms: int) -> None:
