@@ -137,3 +137,27 @@ def test_sign_in_with_a_bad_token_is_refused_without_a_cookie(
     error = json.loads(err[err.index("\n{") :])
     assert error["code"] == "unauthenticated"
     assert "google_id_token" in error["message"]
+
+
+@pytest.mark.parametrize("reflect", ["grpc-v1", "grpc-v1alpha"])
+def test_reflection_lists_the_services_in_both_versions(
+    buf: str, server: RunningServer, reflect: str
+) -> None:
+    # Without --schema, buf asks the server: each reflection version is its own service.
+    result = run(
+        [
+            buf,
+            "curl",
+            "--protocol",
+            "grpc",
+            "--http2-prior-knowledge",
+            "--reflect-protocol",
+            reflect,
+            "--list-services",
+            server.url,
+        ]
+    )
+    assert result.returncode == 0, result.stderr
+    assert {AUTH, "expense.user.v1.UserService", "grpc.health.v1.Health"} <= set(
+        result.stdout.split()
+    ), result.stdout
