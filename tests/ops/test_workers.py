@@ -162,6 +162,16 @@ def test_every_worker_answers_on_the_internal_listeners(
     assert checks == 10.0
 
 
+def test_every_worker_runs_the_app_on_uvloop(server: RunningServer) -> None:
+    # Chosen by measurement (docs/benchmarks.md, "The event loop"), not left to
+    # pyvoy's default: uvloop's extension is loaded in each worker.
+    workers = envoy_children(server)
+    assert len(workers) == WORKERS
+    for pid in workers:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "/uvloop/loop." in maps, f"worker {pid} has not loaded uvloop"
+
+
 def test_a_sign_out_on_one_worker_is_refused_at_once_by_the_other(
     server: RunningServer, google: FakeGoogle
 ) -> None:
