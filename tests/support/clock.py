@@ -53,6 +53,8 @@ class FileClock:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(f"{wall} {mono}")
         os.replace(tmp, self.path)
+        # As if read back: once the file is removed, this clock goes on from here.
+        self._anchor = (mono, time.monotonic_ns() // 1_000_000)
 
     def set_ms(self, value: int) -> None:
         """Set the wall time; the monotonic clock moves by as much (forward only)."""
